@@ -1,0 +1,95 @@
+"""Augmentation of whole uint8 batches on the device: random resized crop + flip + normalisation.
+
+One `affine_grid` + `grid_sample` does crop, resize and flip for the whole batch: the seed
+report's per-image PIL pipeline was the bottleneck of training, this is not. The crop parameters
+are drawn on the CPU from a generator seeded by (seed, epoch, global micro-batch index), so a
+batch is augmented the same way on any device, any world size, and after any resume.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator whose state is a pure function of (seed, epoch, micro-batch index)."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def crop_flip_params(n: int, height: int, width: int, generator: torch.Generator,
+                     scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                     attempts: int = 10, hflip: bool = True) -> torch.Tensor:
+    """torchvision's RandomResizedCrop sampling, vectorised, plus a coin flip: (n, 2, 3) affine thetas
+    for `affine_grid` (align_corners=False) mapping output pixels to the crop box."""
+    area = height * width
+    target = area * torch.empty(n, attempts).uniform_(*scale, generator=generator)
+    aspect = torch.exp(torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    # torchvision's fallback when no attempt fits: the whole image, clamped to the ratio range.
+    in_ratio = min(max(width / height, ratio[0]), ratio[1])
+    fb_w = float(width) if width / height <= in_ratio else round(height * in_ratio)
+    fb_h = float(height) if width / height >= in_ratio else round(width / in_ratio)
+    w = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(fb_w)))
+    h = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(fb_h)))
+    top = torch.rand(n, generator=generator) * (height - h)
+    left = torch.rand(n, generator=generator) * (width - w)
+    top = torch.where(first >= 0, top, (height - h) / 2)
+    left = torch.where(first >= 0, left, (width - w) / 2)
+    coin = torch.rand(n, generator=generator)  # drawn even without flips: same crops either way
+    flip = torch.where(coin < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w / width * flip
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    return theta
+
+
+def _normalise(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x / 255.0 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def as_nchw(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 as an (N, 3, H, W) float view: its strides are already channels_last."""
+    return images.permute(0, 3, 1, 2).float()
+
+
+def train_transform(images: torch.Tensor, seed: int, epoch: int, index: int, channels_last: bool = True,
+                    scale: Sequence[float] = (0.08, 1.0), hflip: bool = True) -> torch.Tensor:
+    """(N, H, W, 3) uint8 on any device -> augmented, normalised (N, 3, H, W) float32 of the same size."""
+    n, height, width, _ = images.shape
+    generator = batch_generator(seed, epoch, index)
+    theta = crop_flip_params(n, height, width, generator, (scale[0], scale[1]), hflip=hflip).to(images.device)
+    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+    x = F.grid_sample(as_nchw(images), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _normalise(x, channels_last)
+
+
+def eval_transform(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32; no randomness."""
+    return _normalise(as_nchw(images), channels_last)
+
+
+def to_device(pixels: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch as uint8 (4x fewer bytes than float); pinned + non-blocking on a GPU so the copy
+    overlaps compute. PyTorch's caching host allocator recycles the pinned blocks."""
+    images, targets = torch.from_numpy(pixels), torch.from_numpy(labels)
+    if device.type == "cuda":
+        images, targets = images.pin_memory(), targets.pin_memory()
+    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)

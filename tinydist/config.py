@@ -1,0 +1,296 @@
+"""Typed run configuration: dataclasses, YAML recipes, dotted command-line overrides.
+
+    python -m tinydist.train --config configs/smoke.yaml --train.max_steps=20 --optim.lr 0.1
+
+OmegaConf's structured configs do the parsing, merging and type checks; this module only turns
+its multi-line exceptions into one line that names the key and suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line, fit to show the user as is."""
+
+
+@dataclass
+class DataConfig:
+    # Where the images come from: a hub id, a local folder (hub parquet layout, `save_to_disk`
+    # output, or the original tiny-imagenet-200 folder), or `digits` (offline sample, see data.py).
+    source: str = "zh-plus/tiny-imagenet"
+    # Side of the square images the decoded cache holds and the model sees (Tiny ImageNet is 64).
+    image_size: int = 64
+    # Split to train on.
+    train_split: str = "train"
+    # Split to validate on; the hub copy calls it `valid`, a README-less local copy may say `validation`.
+    val_split: str = "valid"
+    # Where decoded uint8 caches are kept; shared by all runs and ranks of a node.
+    cache_dir: str = "~/.cache/tinydist"
+    # Use only this many training images (a fixed, class-balanced-by-chance subset); null = all.
+    max_train_samples: Optional[int] = None
+    # Use only this many validation images; null = all.
+    max_val_samples: Optional[int] = None
+    # Processes that decode the cache; null = one per CPU core (at most 16).
+    num_proc: Optional[int] = None
+    # RandomResizedCrop's range of crop area, as fractions of the image (torchvision: 0.08 to 1).
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # Random horizontal flips in training (off for data where mirroring changes the class).
+    hflip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    # `cifar`: 3x3 stride-1 conv, no max-pool (right for 64x64); `imagenet`: torchvision's 7x7/2 + pool.
+    stem: str = "cifar"
+    # Width of the seed report's extra Linear(512, n) + ReLU before the classifier; 0 = none.
+    extra_fc: int = 0
+    # Keep activations in NHWC; faster with tensor cores, harmless elsewhere.
+    channels_last: bool = True
+    # Wrap the model in torch.compile (GPU only; ignored on the CPU where it only costs start-up time).
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    # `sgd` (momentum, optional nesterov) or `adamw`.
+    name: str = "sgd"
+    # Peak learning rate for a global batch of `train.global_batch_size`.
+    lr: float = 0.2
+    # SGD momentum (AdamW uses it as beta1).
+    momentum: float = 0.9
+    # Nesterov momentum for SGD.
+    nesterov: bool = True
+    # Decoupled weight decay for AdamW, L2 for SGD; never applied to BN weights or biases.
+    weight_decay: float = 5e-4
+    # `cosine` (linear warmup then cosine to zero) or `onecycle` (torch's OneCycleLR).
+    schedule: str = "cosine"
+    # Warmup length in epochs (for onecycle: the rising phase).
+    warmup_epochs: float = 2.0
+    # Label smoothing of the cross-entropy loss.
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    # Length of the schedule in epochs.
+    epochs: float = 100.0
+    # Stop after this many optimizer steps (the schedule still spans `epochs`); null = no cap.
+    max_steps: Optional[int] = None
+    # Images per optimizer step, whatever the number of processes: this fixes the trajectory.
+    global_batch_size: int = 512
+    # Images per forward pass on one process; accumulation = global / (micro x processes).
+    micro_batch_size: int = 128
+    # Seed of weights, data order and augmentation.
+    seed: int = 0
+    # Metrics, resolved config and the final model go here (local path or fsspec URL).
+    output_dir: str = "runs/tiny_imagenet_resnet18"
+    # Validate every this many steps as well as at each epoch end; null = epoch ends only.
+    eval_every_steps: Optional[int] = None
+    # Images per forward pass during validation, per process.
+    eval_batch_size: int = 256
+
+
+@dataclass
+class CheckpointConfig:
+    # Where checkpoints go (local path or fsspec URL); null = `{train.output_dir}/checkpoints`.
+    dir: Optional[str] = None
+    # Save every this many optimizer steps (and at each epoch end and on preemption); 0 = only those.
+    every_steps: int = 1000
+    # Committed checkpoints to keep; older ones are deleted after a newer one is committed.
+    keep_last: int = 2
+    # Largest safetensors shard, e.g. `10MB`.
+    max_shard_size: str = "10MB"
+    # `auto`: newest committed checkpoint in `dir` if any; `never`: start fresh; or a checkpoint path.
+    resume: str = "auto"
+
+
+@dataclass
+class LogConfig:
+    # Trackers: any of `wandb`, `tensorboard`; empty = none.
+    report_to: list[str] = field(default_factory=list)
+    # W&B project / TensorBoard run group.
+    project: str = "tinydist"
+    # Display name of the run; null = the output dir's name.
+    run_name: Optional[str] = None
+    # Log training metrics every this many optimizer steps.
+    every_steps: int = 10
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# Values that a type check cannot catch, checked once after merging: key -> allowed values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.stem": ("cifar", "imagenet"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "onecycle"),
+}
+TRACKERS = ("wandb", "tensorboard")
+POSITIVE = ("data.image_size", "train.global_batch_size", "train.micro_batch_size",
+            "train.eval_batch_size", "log.every_steps", "checkpoint.keep_last")
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, e.g. `train.max_steps`."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a bare field name given without its section, e.g. `lr`
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(all_keys())}"
+
+
+def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if type(err).__name__ in ("ConfigKeyError", "ConfigAttributeError") and key:
+        return ConfigError(f"{origin}: unknown config key `{key}`{_suggest(key)}")
+    if key:
+        expected = _expected_type(key)
+        return ConfigError(f"{origin}: bad value for `{key}`: {msg}" + (f" (expected {expected})" if expected else ""))
+    return ConfigError(f"{origin}: {msg}")
+
+
+def _expected_type(key: str) -> str:
+    hint: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(hint) if dataclasses.is_dataclass(hint) else {}
+        if part not in hints:
+            return ""
+        hint = hints[part]
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _argv_to_dotlist(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """Accept `--a.b=v`, `--a.b v` and `--config FILE` / `--config=FILE`."""
+    config_file, dotlist = None, []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument `{arg}`: overrides look like --train.max_steps=20")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"`{arg}` has no value: write {arg}=VALUE")
+        if key == "config":
+            config_file = value
+        else:
+            dotlist.append(f"{key}={value}")
+        i += 1
+    return config_file, dotlist
+
+
+def load_config(argv: Sequence[str] = (), base: Optional[dict[str, Any]] = None) -> Config:
+    """Defaults <- `base` (e.g. a checkpoint's config) <- `--config FILE` (YAML) <- dotted overrides,
+    checked and returned as dataclasses."""
+    config_file, dotlist = _argv_to_dotlist(argv)
+    merged = OmegaConf.structured(Config)
+    if base is not None:
+        merged = _merge(merged, OmegaConf.create(base), "saved config")
+    if config_file is not None:
+        try:
+            with open(config_file) as f:
+                recipe = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file `{config_file}`: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file `{config_file}` is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"config file `{config_file}` must hold a mapping of sections, got {type(recipe).__name__}")
+        merged = _merge(merged, OmegaConf.create(recipe), config_file)
+    for item in dotlist:
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override `--{item}`")
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _one_line(e, "config") from None
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: Any, update: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        raise _one_line(e, origin) from None
+
+
+def get(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a positive integer")
+    for tracker in cfg.log.report_to:
+        if tracker not in TRACKERS:
+            raise ConfigError(f"bad value in `log.report_to`: {tracker!r}; expected any of {', '.join(TRACKERS)}")
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"`train.global_batch_size` {cfg.train.global_batch_size} is not a multiple of "
+            f"`train.micro_batch_size` {cfg.train.micro_batch_size}")
+    low, high = (cfg.data.crop_scale + [0.0, 0.0])[:2]
+    if len(cfg.data.crop_scale) != 2 or not 0 < low <= high <= 1:
+        raise ConfigError(f"bad value for `data.crop_scale`: {cfg.data.crop_scale}; expected [low, high] with 0 < low <= high <= 1")
+    if cfg.model.extra_fc < 0:
+        raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
+    if cfg.optim.lr <= 0 or cfg.train.epochs <= 0:
+        raise ConfigError("`optim.lr` and `train.epochs` must be positive")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    return cfg.checkpoint.dir or f"{cfg.train.output_dir.rstrip('/')}/checkpoints"
+
+
+if __name__ == "__main__":  # print the resolved config: python -m tinydist.config --config X --a.b=v
+    try:
+        print(to_yaml(load_config(sys.argv[1:])), end="")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

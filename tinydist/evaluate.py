@@ -1,0 +1,89 @@
+"""Top-1 / top-5 / loss of a model on a split, and `python -m tinydist.evaluate`.
+
+    python -m tinydist.evaluate --checkpoint runs/x/checkpoints/step-00001000 [--config FILE] [--data.source=...]
+    python -m tinydist.evaluate --checkpoint runs/x/model
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tinydist.augment import eval_transform, to_device
+from tinydist.data import ImageCache
+from tinydist.sampler import eval_shard
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device: torch.device,
+             world_size: int = 1, rank: int = 0, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             channels_last: bool = True, autocast: Any = None) -> dict[str, float]:
+    """Each rank scores a disjoint slice; sums are reduced, so every image counts exactly once.
+    `model` must be the bare module: a DDP forward is a collective and ranks may hold uneven batches."""
+    was_training = model.training
+    model.eval()
+    k = min(5, len(cache.classes))
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for indices in eval_shard(len(cache), batch_size, world_size, rank):
+        images, labels = to_device(cache.gather(indices), cache.labels[indices], device)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(eval_transform(images, channels_last)).float()
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(labels[:, None])
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                               torch.tensor(len(indices), dtype=torch.float64, device=device)])
+    if reduce is not None:
+        totals = reduce(totals)
+    model.train(was_training)
+    loss, top1, top5, count = totals.tolist()
+    return {"val/loss": loss / count, "val/top1": top1 / count, "val/top5": top5 / count}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    from tinydist.checkpoint import CheckpointError
+    from tinydist.export import load_model_weights
+    from tinydist.config import ConfigError, load_config
+    from tinydist.data import load_split
+    from tinydist.model import build_model
+
+    parser = argparse.ArgumentParser(prog="python -m tinydist.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (step-N) or an exported model folder")
+    parser.add_argument("--split", default=None, help="split to score (default: data.val_split)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        weights, saved_config = load_model_weights(args.checkpoint)
+        cfg = load_config(overrides, base=saved_config)
+        cache = load_split(cfg.data, args.split or cfg.data.val_split, cfg.data.max_val_samples,
+                           log=lambda m: print(m, file=sys.stderr))
+        model = build_model(cfg.model, len(cache.classes))
+        model.load_state_dict(weights)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # load_state_dict's shape report: say what to change
+        print(f"error: {args.checkpoint} does not fit model.stem={cfg.model.stem} with {len(cache.classes)} "
+              f"classes: {str(e).splitlines()[-1].strip()}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metrics = evaluate(model.to(device), cache, cfg.train.eval_batch_size, device, channels_last=cfg.model.channels_last)
+    metrics["images"] = len(cache)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.checkpoint}: top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  "
+              f"loss {metrics['val/loss']:.4f}  ({len(cache)} images of {cfg.data.source})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

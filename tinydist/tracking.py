@@ -1,0 +1,144 @@
+"""What the main process tells the world: metrics.jsonl and the trackers (W&B, TensorBoard).
+
+The W&B run id is kept in the checkpoint, so a resumed job, on any machine, continues the same
+run: one curve, not two halves. The metrics file is cut back to the checkpoint's step on resume,
+so steps replayed after a hard kill are not written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import re
+from typing import Any, Optional
+
+import fsspec
+
+from tinydist.config import Config, to_dict
+
+
+def is_local(url: str) -> bool:
+    return fsspec.core.url_to_fs(url)[0].protocol in ("file", ("file", "local"), "local")
+
+
+def local_staging_dir(output_dir: str) -> str:
+    """Trackers write local files; for a bucket output dir they live here (W&B syncs them itself)."""
+    if is_local(output_dir):
+        return os.path.abspath(os.path.expanduser(output_dir))
+    return os.path.join(os.path.expanduser("~/.cache/tinydist/runs"), re.sub(r"[^\w.-]+", "_", output_dir))
+
+
+def wandb_never_blocks(log: Any) -> None:
+    """Without credentials and an explicit WANDB_MODE, run W&B offline instead of prompting for a login."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    os.environ["WANDB_MODE"] = "offline"
+    log("W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging offline; "
+        "upload later with `wandb sync <output_dir>/wandb/offline-run-*`")
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"optim.lr": 0.2, ...}; TensorBoard's hparams take scalars and strings only."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+class MetricsFile:
+    """`{output_dir}/metrics.jsonl`: one JSON object per event. Appended locally; on object storage,
+    which cannot append, the whole (small) file is rewritten at each flush."""
+
+    def __init__(self, output_dir: str, resume_step: Optional[int]):
+        self.url = f"{output_dir.rstrip('/')}/metrics.jsonl"
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.lines: list[str] = []
+        if resume_step is not None and self.fs.exists(self.path):
+            with self.fs.open(self.path, "r") as f:
+                self.lines = [line for line in f.read().splitlines()
+                              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.fs.makedirs(self.fs._parent(self.path), exist_ok=True)
+        self._rewrite()
+        self._local = open(self.path, "a") if is_local(self.url) else None
+
+    def _rewrite(self) -> None:
+        with self.fs.open(self.path, "w") as f:
+            f.write("".join(line + "\n" for line in self.lines))
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        self.lines.append(line)
+        if self._local:
+            self._local.write(line + "\n")
+            self._local.flush()
+
+    def flush(self) -> None:
+        if self._local is None:
+            self._rewrite()
+
+    def close(self) -> None:
+        self.flush()
+        if self._local:
+            self._local.close()
+
+
+class RunLog:
+    """Main process only: metrics file + Accelerate trackers. Other ranks get a RunLog that does nothing."""
+
+    def __init__(self, accelerator: Any, cfg: Config, run_id: Optional[str], resume_step: Optional[int]):
+        self.accelerator = accelerator
+        self.active = accelerator.is_main_process
+        self.run_id = run_id
+        self.uses_wandb = "wandb" in cfg.log.report_to
+        if not self.active:
+            return
+        self.metrics = MetricsFile(cfg.train.output_dir, resume_step)
+        if not cfg.log.report_to:
+            return
+        staging = local_staging_dir(cfg.train.output_dir)
+        os.makedirs(staging, exist_ok=True)
+        init_kwargs: dict[str, Any] = {}
+        if "wandb" in cfg.log.report_to:
+            wandb_never_blocks(accelerator.print)
+            import wandb
+
+            self.run_id = run_id or wandb.util.generate_id()
+            init_kwargs["wandb"] = {"id": self.run_id, "resume": "allow", "dir": staging,
+                                    "name": cfg.log.run_name or os.path.basename(cfg.train.output_dir.rstrip("/"))}
+        accelerator.init_trackers(cfg.log.project, config=flatten(to_dict(cfg)), init_kwargs=init_kwargs)
+
+    def log(self, metrics: dict[str, float], step: int, epoch: float, samples: int, **extra: Any) -> None:
+        if not self.active:
+            return
+        self.metrics.write({"step": step, "epoch": round(epoch, 4), "samples": samples, **extra, **metrics})
+        if metrics:
+            self.accelerator.log(metrics, step=step)
+
+    def event(self, name: str, step: int, epoch: float, samples: int, **details: Any) -> None:
+        """Resume and preemption marks, for the report's picture; not sent to the trackers."""
+        if self.active:
+            self.metrics.write({"step": step, "epoch": round(epoch, 4), "samples": samples, "event": name, **details})
+            self.metrics.flush()
+
+    def flush(self) -> None:
+        if self.active:
+            self.metrics.flush()
+
+    def finish(self, preempted: bool) -> None:
+        if not self.active:
+            return
+        if preempted and self.uses_wandb:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            if hasattr(run, "mark_preempting"):
+                run.mark_preempting()
+        self.metrics.close()
+        self.accelerator.end_training()
