@@ -134,11 +134,11 @@ class RunLog:
             self.metrics.flush()
 
     def finish(self, preempted: bool) -> None:
-        if not self.active:
-            return
-        if preempted and self.uses_wandb:
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
-            if hasattr(run, "mark_preempting"):
-                run.mark_preempting()
-        self.metrics.close()
+        """On every rank: Accelerate's end_training also tears down the process group."""
+        if self.active:
+            if preempted and self.uses_wandb:
+                run = self.accelerator.get_tracker("wandb", unwrap=True)
+                if hasattr(run, "mark_preempting"):
+                    run.mark_preempting()
+            self.metrics.close()
         self.accelerator.end_training()

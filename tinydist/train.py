@@ -185,8 +185,8 @@ def train(cfg: Config) -> int:
     if exit_code == EXIT_OK and accelerator.is_main_process:
         export_model(bare_model, f"{cfg.train.output_dir.rstrip('/')}/model", cfg.checkpoint.max_shard_size)
         say(f"done: step {step}; model in {cfg.train.output_dir.rstrip('/')}/model")
-    runlog.finish(preempted=exit_code == EXIT_PREEMPTED)
     accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
+    runlog.finish(preempted=exit_code == EXIT_PREEMPTED)
     stop.restore()
     return exit_code
 
@@ -196,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         return train(cfg)
     except (ConfigError, CheckpointError, SoftmaxBeforeLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
 
