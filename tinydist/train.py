@@ -117,7 +117,15 @@ def train(cfg: Config) -> int:
         runlog.event("resumed", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
                      world_size=world, device=device.type)
 
+    def sync_buffers() -> None:
+        # BN statistics are updated in each rank's forward and only broadcast by DDP at the next one:
+        # make every rank hold rank 0's before they are evaluated or each rank writes its shards.
+        if world > 1:
+            for buffer in bare_model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def save(blocking: bool) -> None:
+        sync_buffers()
         checkpointer.save(step, bare_model, optimizer.optimizer, {
             "epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
             "global_batch_size": cfg.train.global_batch_size, "device": device.type,
@@ -125,6 +133,7 @@ def train(cfg: Config) -> int:
         }, blocking=blocking)
 
     def validate() -> None:
+        sync_buffers()
         metrics = evaluate(bare_model, val_data, cfg.train.eval_batch_size, device, world, rank,
                            lambda t: accelerator.reduce(t, "sum"), cfg.model.channels_last, accelerator.autocast)
         runlog.log(metrics, step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
