@@ -92,7 +92,10 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
                 return "save_to_disk folder", {"train": loaded}
             return "save_to_disk folder", dict(loaded)
         try:
-            return "parquet folder", dict(datasets.load_dataset(path))
+            # Pass datasets its own resolved file list: given only a README's file patterns, it keys its
+            # Arrow cache by those patterns and serves a stale copy of a parquet file rewritten in place.
+            files = datasets.load_dataset_builder(path).config.data_files
+            return "parquet folder", dict(datasets.load_dataset(path, data_files=files))
         except (ValueError, FileNotFoundError) as e:
             raise DataError(f"data.source `{source}`: no dataset found in this folder ({_first_line(e)}); "
                             "expected the hub parquet layout, a save_to_disk folder or tiny-imagenet-200") from None
@@ -140,7 +143,7 @@ def tiny_imagenet_folder(root: str) -> dict[str, Any]:
         for name in sorted(os.listdir(folder)):
             train_files.append(os.path.join(folder, name))
             train_labels.append(index[wnid])
-    splits["train"] = datasets.Dataset.from_dict({"image": train_files, "label": train_labels}, features=features)
+    splits["train"] = _files_dataset(root, train_files, train_labels, features)
     annotations = os.path.join(root, "val", "val_annotations.txt")
     if os.path.isfile(annotations):
         files, labels = [], []
@@ -152,8 +155,24 @@ def tiny_imagenet_folder(root: str) -> dict[str, Any]:
                                     f"got {line.strip()!r}")
                 files.append(os.path.join(root, "val", "images", fields[0]))
                 labels.append(index[fields[1]])
-        splits["valid"] = datasets.Dataset.from_dict({"image": files, "label": labels}, features=features)
+        splits["valid"] = _files_dataset(root, files, labels, features)
     return splits
+
+
+def _files_dataset(root: str, files: list[str], labels: list[int], features: Any) -> Any:
+    import datasets
+
+    # from_dict fingerprints the paths, not the images: fold in each file's size and mtime, so that
+    # images replaced in place give a new cache instead of the stale one.
+    stamp = hashlib.sha256()
+    for path in files:
+        try:
+            stat = os.stat(path)
+        except OSError as e:
+            raise DataError(f"tiny-imagenet-200 folder `{root}`: cannot read {path} ({e.strerror})") from None
+        stamp.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    ds = datasets.Dataset.from_dict({"image": files, "label": labels}, features=features)
+    return datasets.Dataset(ds.data, info=ds.info, fingerprint=stamp.hexdigest()[:16])
 
 
 def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
