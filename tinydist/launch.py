@@ -1,45 +1,102 @@
-"""`accelerate launch` that keeps tinydist's exit codes.
+"""`accelerate launch` that keeps tinydist's exit codes and lives through preemption signals.
 
     python -m tinydist.launch [accelerate launch flags] tinydist/train.py --config ... [--a.b=v ...]
 
-`accelerate launch` reports every failing run as exit 1, so a launcher could not tell "preempted,
-relaunch me" (75) from "bad config, don't" (2) or a crash. This runs Accelerate's own launch
-command, unchanged, and returns the training processes' exit code instead.
+`accelerate launch` reports every failure as exit 1, so a launcher could not tell "saved and
+stopped, relaunch me" (75) from "bad config, don't" (2) or a crash. Here each training process
+writes its own exit code to a folder (see `record_exit_code`), and this command returns the
+group's code after Accelerate's own launch command, run unchanged, returns.
+
+Signals: SLURM sends SIGUSR1 to every process of a job step, Kubernetes sends SIGTERM to the first
+process only. So this process never dies of TERM/INT/USR1 itself: it passes them on to its
+children (torchrun's agent, when several processes are launched, installs its own TERM/INT
+forwarding) and waits for them to save and exit.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import signal
 import subprocess
 import sys
-from typing import Optional, Sequence
+import tempfile
+from typing import Any, Optional, Sequence
 
-from tinydist.preempt import EXIT_CONFIG, EXIT_PREEMPTED
+from tinydist.preempt import EXIT_CONFIG, EXIT_PREEMPTED, SIGNALS
+
+EXIT_DIR_ENV = "TINYDIST_EXIT_DIR"
 
 
-def worker_exit_code(codes: Sequence[int]) -> int:
-    """One code for a group: ranks stop together, but peers of a failed rank are killed by signal
-    (negative codes), so the meaningful code is the first tinydist one, else the first failure."""
-    for meaningful in (EXIT_CONFIG, EXIT_PREEMPTED):
-        if meaningful in codes:
-            return meaningful
-    failed = [c for c in codes if c != 0]
-    if not failed:
-        return 0
-    return failed[0] if failed[0] > 0 else 128 - failed[0]  # killed by signal N -> 128 + N, as a shell says
+def record_exit_code(code: int) -> None:
+    """Called by each training process on its way out, when launched through this module."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.code")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{code}\n")
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # bookkeeping must never turn a finished run into a crash
+        print(f"tinydist.launch: cannot record exit code in {path}: {e.strerror}", file=sys.stderr)
+
+
+def group_exit_code(codes: Sequence[int], fallback: int) -> int:
+    """A config error anywhere wins (never relaunch), then a crash, then 75 (saved and stopped)."""
+    if EXIT_CONFIG in codes:
+        return EXIT_CONFIG
+    crashes = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
+    if crashes:
+        return crashes[0]
+    if EXIT_PREEMPTED in codes:
+        return EXIT_PREEMPTED
+    return fallback  # every rank that recorded finished; a rank that could not record (SIGKILL) shows here
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):  # Linux; elsewhere nothing to forward
+        with open(path) as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
+
+
+def _forward(signum: int, frame: Any) -> None:
+    for pid in _children():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    folder = tempfile.mkdtemp(prefix="tinydist-exit.")
+    os.environ[EXIT_DIR_ENV] = folder
+    for sig in SIGNALS:
+        signal.signal(sig, _forward)
+    # torchrun's default grace between forwarding SIGTERM and SIGKILL (30 s) can cut a save short.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "170")
+    fallback = 0
     try:
         launch_command(args)
-    except subprocess.CalledProcessError as e:  # single-process launch
-        return worker_exit_code([e.returncode])
-    except ChildFailedError as e:  # torchrun-style multi-process launch
-        return worker_exit_code([failure.exitcode for failure in e.failures.values()])
-    return 0
+    except subprocess.CalledProcessError as e:  # one process
+        fallback = e.returncode
+    except ChildFailedError as e:  # several: torchrun
+        fallback = next(iter(e.failures.values())).exitcode or 1
+    except SignalException as e:  # torchrun was signalled; its ranks were told and have exited
+        fallback = 128 + int(e.sigval)
+    codes = [int(open(p).read()) for p in sorted(glob.glob(os.path.join(folder, "rank*.code")))]
+    shutil.rmtree(folder, ignore_errors=True)
+    code = group_exit_code(codes, fallback if fallback >= 0 else 128 - fallback)
+    print(f"tinydist.launch: training exited with {code}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from tinydist.export import export_model
 from tinydist.config import Config, ConfigError, load_config
 from tinydist.data import load_split
 from tinydist.evaluate import evaluate
+from tinydist.launch import record_exit_code
 from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.optim import build_optimizer, build_schedule
 from tinydist.preempt import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, StopFlag
@@ -201,13 +202,16 @@ def train(cfg: Config) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    code = 1  # what an uncaught exception exits with
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
-        return train(cfg)
+        code = train(load_config(sys.argv[1:] if argv is None else argv))
     except (ConfigError, CheckpointError, SoftmaxBeforeLossError) as e:
         if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
             print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
+    finally:
+        record_exit_code(code)  # for `python -m tinydist.launch`: accelerate launch would say 1
+    return code
 
 
 if __name__ == "__main__":
