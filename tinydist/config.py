@@ -271,6 +271,14 @@ def validate(cfg: Config) -> None:
     low, high = (cfg.data.crop_scale + [0.0, 0.0])[:2]
     if len(cfg.data.crop_scale) != 2 or not 0 < low <= high <= 1:
         raise ConfigError(f"bad value for `data.crop_scale`: {cfg.data.crop_scale}; expected [low, high] with 0 < low <= high <= 1")
+    from tinydist.checkpoint import parse_size  # here: checkpoint.py imports torch, the config alone should not
+
+    try:
+        parse_size(cfg.checkpoint.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"bad value for `checkpoint.max_shard_size`: {e}") from None
+    if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume.strip():
+        raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
     if cfg.optim.lr <= 0 or cfg.train.epochs <= 0:
