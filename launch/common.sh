@@ -2,11 +2,14 @@
 # Sourced by launch/one_gpu.sh and launch/one_node.sh; not run on its own.
 #
 # tinydist_launch ACCELERATE_FLAGS... -- TRAIN_ARGS...
-#   runs `accelerate launch ACCELERATE_FLAGS launch/exit_status.py $TRAIN_SCRIPT TRAIN_ARGS` in the
-#   repository root and returns the training program's own exit code:
+#   replaces this shell (exec) with
+#     $PYTHON -m tinydist.launch ACCELERATE_FLAGS $ACCELERATE_ARGS $TRAIN_SCRIPT TRAIN_ARGS
+#   in the repository root, so the script's exit code is the training program's own:
 #     0 finished | 75 saved and stopped (relaunch) | 2 configuration error (never relaunch)
 #     | anything else: crash
-#   accelerate alone would turn every failure into 1 (see launch/exit_status.py).
+#   tinydist.launch is `accelerate launch` (same flags) that keeps those codes (accelerate alone
+#   turns every failure into 1), forwards TERM/INT/USR1 to the training processes and outlives
+#   them; see tinydist/launch.py. It never returns: call it last.
 #
 # Environment (all optional):
 #   CONFIG          training config            (default configs/tiny_imagenet_resnet18.yaml)
@@ -14,17 +17,23 @@
 #   CHECKPOINT_DIR  -> --checkpoint.dir=...    (a path or a URL: s3://bucket/run)
 #   RUN_NAME        -> --log.run_name=...
 #   ACCELERATE_ARGS extra `accelerate launch` flags, split on spaces (e.g. "--mixed_precision fp16")
-#   TRAIN_SCRIPT    default tinydist/train.py;  ACCELERATE  default accelerate (tests stand in for both)
-#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun lets ranks save after SIGTERM before SIGKILL
-#                   (torch's own default, 30, is short for a checkpoint; default here 170)
+#   TRAIN_SCRIPT    default tinydist/train.py
+#   PYTHON          interpreter that runs tinydist.launch (default python: the active environment)
+#   TINYDIST_LAUNCH whole launcher command, split on spaces (default: $PYTHON -m tinydist.launch;
+#                   tests stand in for it); it gets the accelerate flags, TRAIN_SCRIPT, its args
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun lets ranks save after SIGTERM before SIGKILL;
+#                   tinydist.launch defaults it to 170 (torch's own 30 is short for a checkpoint)
 
 TINYDIST_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$TINYDIST_ROOT" || exit 1  # relative paths (CONFIG, TRAIN_SCRIPT, OUTPUT_DIR) are from the repo root
 
-ACCELERATE=${ACCELERATE:-accelerate}
 TRAIN_SCRIPT=${TRAIN_SCRIPT:-tinydist/train.py}
 CONFIG=${CONFIG:-configs/tiny_imagenet_resnet18.yaml}
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
+if [[ -n ${TINYDIST_LAUNCH:-} ]]; then
+	read -r -a TINYDIST_LAUNCHER <<<"$TINYDIST_LAUNCH"
+else
+	TINYDIST_LAUNCHER=("${PYTHON:-python}" -m tinydist.launch)
+fi
 read -r -a ACCELERATE_EXTRA <<<"${ACCELERATE_ARGS:-}"
 
 # Usage errors are configuration errors: a relaunch cannot fix them.
@@ -55,44 +64,25 @@ tinydist_num_gpus() {
 	echo "$n"
 }
 
-# tinydist_exit_code ACCELERATE_RC DIR: the code the ranks exited with.
-# A config error on any rank wins (never relaunch), then a crash, then "saved and stopped".
-tinydist_exit_code() {
-	local rc=$1 f c crash="" stopped=""
-	if ((rc == 0)); then
-		echo 0
-		return
-	fi
-	for f in "$2"/rank*.code; do
-		[[ -e $f ]] || continue
-		c=$(<"$f")
-		case $c in
-		0) ;;
-		2) echo 2 && return ;;
-		75) stopped=75 ;;
-		*) crash=${crash:-$c} ;;
-		esac
-	done
-	echo "${crash:-${stopped:-$rc}}"
-}
-
 tinydist_launch() {
-	local accel=() dir rc=0
+	local accel=()
 	while (($#)) && [[ $1 != -- ]]; do
 		accel+=("$1")
 		shift
 	done
 	(($#)) && shift
-	dir=$(mktemp -d "${TMPDIR:-/tmp}/tinydist-exit.XXXXXX")
-	# Only the training processes act on TERM/INT/USR1 (save at the next step, exit 75). This shell
-	# and accelerate's launcher must outlive them to report the code, so they ignore these signals
-	# (torchrun installs its own TERM/INT handler and forwards them to the ranks; exit_status.py
-	# gives the ranks back the default handlers).
-	trap '' TERM INT USR1
-	TINYDIST_EXIT_DIR=$dir "$ACCELERATE" launch "${accel[@]}" "${ACCELERATE_EXTRA[@]}" \
-		launch/exit_status.py "$TRAIN_SCRIPT" "$@" || rc=$?
-	rc=$(tinydist_exit_code "$rc" "$dir")
-	rm -rf "$dir"
-	echo "$(basename "$0"): training exited with $rc" >&2
-	return "$rc"
+	# exec, not a child: no shell is left between the launcher and its signals, and so none that
+	# would have to ignore TERM/INT/USR1 to outlive the training and report its code.
+	# - SLURM (--signal without B:) sends USR1 to every process of the step: a shell here, with
+	#   bash's default action for USR1, would die at once; srun would then take the step for ended
+	#   and kill the ranks in the middle of their save. tinydist.launch handles USR1 (forwards it).
+	# - Kubernetes sends TERM to PID 1 only, and a container's command is often this script: a
+	#   shell there would have to forward TERM itself (ignoring it, as the old `trap '' TERM INT
+	#   USR1` did, meant the ranks never heard of the shutdown and were SIGKILLed after the grace
+	#   period). exec makes tinydist.launch PID 1 (or the pid spot_relaunch.sh/systemd signals).
+	# No `trap ''` either: there is no shell left to protect, and a signal ignored here would stay
+	# ignored in the launcher until it installs its handlers (after seconds of imports), i.e. be
+	# lost. tinydist.launch installs them before it starts any training process (those start with
+	# the default dispositions and install their own), and prints the code it exits with.
+	exec "${TINYDIST_LAUNCHER[@]}" "${accel[@]}" "${ACCELERATE_EXTRA[@]}" "$TRAIN_SCRIPT" "$@"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train on all GPUs of this machine (one process per GPU, DDP) under accelerate; also the per-machine
-# step of a multi-machine run (launch/slurm.sbatch and launch/skypilot.yaml call it on every node).
+# Train on all GPUs of this machine (one process per GPU, DDP) under accelerate (python -m
+# tinydist.launch, see launch/common.sh); also the per-machine step of a multi-machine run
+# (launch/slurm.sbatch and launch/skypilot.yaml call it on every node).
 #
 # Usage:  launch/one_node.sh [--a.b=v ...]     extra arguments go to tinydist/train.py
 #         NUM_GPUS=4 CHECKPOINT_DIR=s3://bucket/a launch/one_node.sh --log.report_to=[wandb]

@@ -1,8 +1,10 @@
 """Launchers (launch/, configs/accelerate/): exit-code contract, relaunch/requeue logic, signals.
 
-Stand-ins replace accelerate, srun, scontrol, sleep and the training program, so these run on a
-CPU in seconds. A few tests run the real `accelerate launch` (CPU, a stub training script) because
-the exit-code and signal handling depend on what accelerate and torchrun really do.
+The shell launchers exec `python -m tinydist.launch` (accelerate's launch command that keeps the
+training's exit codes and forwards TERM/INT/USR1). Stand-ins replace that launcher, srun, scontrol,
+sleep and the training program, so most of these run on a CPU in seconds. A few tests run the real
+`python -m tinydist.launch` (CPU, stub training scripts) because the exit-code and signal handling
+depend on what accelerate and torchrun really do.
 """
 
 import json
@@ -30,14 +32,17 @@ _LEAKY = ("CONFIG", "OUTPUT_DIR", "CHECKPOINT_DIR", "RUN_NAME", "ACCELERATE_ARGS
           "TRAIN_SCRIPT", "NUM_GPUS", "NUM_MACHINES", "MACHINE_RANK", "MAIN_PROCESS_IP",
           "MAIN_PROCESS_PORT", "GPUS_PER_NODE", "CUDA_VISIBLE_DEVICES", "TINYDIST_ROOT",
           "TINYDIST_EXIT_DIR", "MAX_ATTEMPTS", "BACKOFF_S", "MAX_BACKOFF_S", "PREEMPT_DELAY_S",
-          "SLEEP", "SRUN", "SCONTROL", "ACCELERATE", "RANK")
+          "SLEEP", "SRUN", "SCONTROL", "PYTHON", "TINYDIST_LAUNCH", "RANK",
+          "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 
 
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in _LEAKY and not k.startswith(("SLURM_", "SKYPILOT_"))}
-    # the venv's accelerate (tests run as .venv/bin/pytest) before anything else on PATH
+    # the venv's python (tests run as .venv/bin/pytest) before anything else on PATH
     env["PATH"] = os.path.dirname(PY) + os.pathsep + env.get("PATH", "")
+    # stub training scripts import tinydist (for record_exit_code), installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -62,18 +67,15 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=TIMEOUT):
 
 # --------------------------------------------------------------------------- stand-ins
 
-FAKE_ACCELERATE = """
-    # Stand-in for `accelerate`: records its arguments; exits like accelerate would.
+FAKE_LAUNCH = """
+    # Stand-in for `python -m tinydist.launch` (TINYDIST_LAUNCH) or for python itself (PYTHON):
+    # records its arguments, pid and environment; exits FAKE_RC, the group's code.
     import json, os, sys
     with open(os.environ["FAKE_LOG"], "a") as f:
-        f.write(json.dumps({"argv": sys.argv[1:], "node": os.environ.get("SLURM_NODEID"),
-                            "ckpt_env": os.environ.get("CHECKPOINT_DIR")}) + "\\n")
-    codes = os.environ.get("FAKE_RANK_CODES")
-    if codes:  # per-rank codes; accelerate itself turns any failure into 1
-        for rank, code in enumerate(codes.split(",")):
-            with open(os.path.join(os.environ["TINYDIST_EXIT_DIR"], f"rank{rank}.code"), "w") as f:
-                f.write(code + "\\n")
-        sys.exit(1 if any(c != "0" for c in codes.split(",")) else 0)
+        f.write(json.dumps({
+            "argv": sys.argv[1:], "pid": os.getpid(), "node": os.environ.get("SLURM_NODEID"),
+            "ckpt_env": os.environ.get("CHECKPOINT_DIR"),
+            "shutdown_env": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}) + "\\n")
     sys.exit(int(os.environ.get("FAKE_RC", "0")))
 """
 
@@ -118,11 +120,16 @@ COUNTING_TRAINER = """
 """
 
 SIGNALLED_TRAINER = """
-    # Stand-in training program: on TERM/INT/USR1 "saves" (a short sleep) and exits 75, the contract.
+    # Stand-in training program: on TERM/INT/USR1 "saves" (a short sleep) and exits 75, the
+    # contract, recording its code for tinydist.launch as tinydist/train.py does.
     import os, signal, sys, time
     got = []
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, lambda n, _: got.append(signal.Signals(n).name))
+    if os.environ.get("TINYDIST_EXIT_DIR"):  # under tinydist.launch (the import costs torch's)
+        from tinydist.launch import record_exit_code
+    else:
+        record_exit_code = lambda code: None
     out = os.environ["STUB_DIR"]
     rank = os.environ.get("RANK", "0")
     open(os.path.join(out, f"ready{rank}"), "w").close()
@@ -131,16 +138,24 @@ SIGNALLED_TRAINER = """
         time.sleep(0.02)
     time.sleep(0.3)
     with open(os.path.join(out, f"got{rank}"), "w") as f:
-        f.write(",".join(got))
+        f.write(",".join(sorted(set(got))))  # a process may hear it twice: directly and forwarded
+    record_exit_code(75 if got else 1)
     sys.exit(75 if got else 1)
 """
 
 EXIT_TRAINER = """
-    # Stand-in training program: exits with RANK_CODES[rank] (or CODE).
-    import os, sys
+    # Stand-in training program: records and exits with RANK_CODES[rank] (or CODE), as
+    # tinydist/train.py's main() does; leaves the launcher's environment in STUB_DIR/env<rank>.
+    import json, os, sys
+    from tinydist.launch import record_exit_code
     codes = os.environ.get("RANK_CODES", "").split(",")
     rank = int(os.environ.get("RANK", "0"))
-    sys.exit(int(codes[rank]) if codes[0] else int(os.environ["CODE"]))
+    code = int(codes[rank]) if codes[0] else int(os.environ["CODE"])
+    with open(os.path.join(os.environ["STUB_DIR"], f"env{rank}"), "w") as f:
+        json.dump({k: os.environ.get(k)
+                   for k in ("TINYDIST_EXIT_DIR", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}, f)
+    record_exit_code(code)
+    sys.exit(code)
 """
 
 
@@ -149,16 +164,16 @@ def fakes(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     return {
-        "accelerate": script(bin_dir / "accelerate", FAKE_ACCELERATE),
+        "launch": script(bin_dir / "tinydist-launch", FAKE_LAUNCH),
         "srun": script(bin_dir / "srun", FAKE_SRUN),
         "scontrol": script(bin_dir / "scontrol", FAKE_SCONTROL),
-        "log": tmp_path / "accelerate.log",
+        "log": tmp_path / "launch.log",
         "srun_log": tmp_path / "srun.log",
         "scontrol_log": tmp_path / "scontrol.log",
     }
 
 
-def accelerate_calls(fakes):
+def launch_calls(fakes):
     return [json.loads(line) for line in fakes["log"].read_text().splitlines()]
 
 
@@ -167,7 +182,7 @@ def flag(argv, name):
 
 
 def train_args(argv):
-    return argv[argv.index("launch/exit_status.py") + 2:]
+    return argv[argv.index("tinydist/train.py") + 1:]
 
 
 # --------------------------------------------------------------------------- static checks
@@ -261,19 +276,33 @@ def test_skypilot_yaml_loads_with_skypilot():
 # --------------------------------------------------------------------------- one_gpu / one_node
 
 def test_one_gpu_args(fakes, tmp_path):
-    env = clean_env(ACCELERATE=fakes["accelerate"], FAKE_LOG=fakes["log"], OUTPUT_DIR="runs/a",
+    env = clean_env(TINYDIST_LAUNCH=fakes["launch"], FAKE_LOG=fakes["log"], OUTPUT_DIR="runs/a",
                     CHECKPOINT_DIR="s3://b/a", RUN_NAME="r1", CONFIG="configs/x.yaml",
                     ACCELERATE_ARGS="--mixed_precision fp16")
-    r = subprocess.run([str(LAUNCH / "one_gpu.sh"), "--train.steps=3"], env=env, cwd=tmp_path,
-                       timeout=TIMEOUT)
-    assert r.returncode == 0
-    (call,) = accelerate_calls(fakes)
+    proc = subprocess.Popen([str(LAUNCH / "one_gpu.sh"), "--train.steps=3"], env=env, cwd=tmp_path)
+    assert proc.wait(timeout=TIMEOUT) == 0
+    (call,) = launch_calls(fakes)
     argv = call["argv"]
-    assert argv[0] == "launch" and flag(argv, "--config_file") == "configs/accelerate/one_gpu.yaml"
-    assert flag(argv, "--num_processes") == "1" and flag(argv, "--mixed_precision") == "fp16"
-    assert argv[argv.index("launch/exit_status.py") + 1] == "tinydist/train.py"
+    # accelerate's flags (the script's, then ACCELERATE_ARGS), the training script, its arguments
+    assert argv[:argv.index("tinydist/train.py")] == [
+        "--config_file", "configs/accelerate/one_gpu.yaml", "--num_processes", "1",
+        "--mixed_precision", "fp16"]
     assert train_args(argv) == ["--config", "configs/x.yaml", "--train.output_dir=runs/a",
                                 "--checkpoint.dir=s3://b/a", "--log.run_name=r1", "--train.steps=3"]
+    # exec'd: the launcher is the script's own process, the one a signal to the script reaches
+    assert call["pid"] == proc.pid
+    # the shutdown grace is tinydist.launch's default, not set again by the shell
+    assert call["shutdown_env"] is None
+
+
+def test_default_launcher_is_python_m_tinydist_launch(fakes, tmp_path):
+    env = clean_env(PYTHON=fakes["launch"], FAKE_LOG=fakes["log"], TRAIN_SCRIPT="t.py")
+    r = subprocess.run([str(LAUNCH / "one_gpu.sh")], env=env, cwd=tmp_path, timeout=TIMEOUT)
+    assert r.returncode == 0
+    (call,) = launch_calls(fakes)
+    argv = call["argv"]
+    assert argv[:2] == ["-m", "tinydist.launch"]
+    assert argv[argv.index("t.py") + 1:] == ["--config", "configs/tiny_imagenet_resnet18.yaml"]
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -283,7 +312,7 @@ def test_one_gpu_args(fakes, tmp_path):
     ({"FAKE_SMI": "fail"}, "1"),
 ])
 def test_one_node_gpu_count(fakes, tmp_path, env, expected):
-    script(fakes["accelerate"].parent / "nvidia-smi", """
+    script(fakes["launch"].parent / "nvidia-smi", """
         import os, sys
         n = os.environ.get("FAKE_SMI", "fail")
         if n == "fail":
@@ -291,17 +320,17 @@ def test_one_node_gpu_count(fakes, tmp_path, env, expected):
         for i in range(int(n)):
             print(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})")
     """)
-    e = clean_env(ACCELERATE=fakes["accelerate"], FAKE_LOG=fakes["log"], **env)
-    e["PATH"] = f"{fakes['accelerate'].parent}{os.pathsep}{e['PATH']}"
+    e = clean_env(TINYDIST_LAUNCH=fakes["launch"], FAKE_LOG=fakes["log"], **env)
+    e["PATH"] = f"{fakes['launch'].parent}{os.pathsep}{e['PATH']}"
     r = subprocess.run([str(LAUNCH / "one_node.sh")], env=e, cwd=tmp_path, timeout=TIMEOUT)
     assert r.returncode == 0
-    (call,) = accelerate_calls(fakes)
+    (call,) = launch_calls(fakes)
     assert flag(call["argv"], "--num_processes") == expected
     assert flag(call["argv"], "--config_file") == "configs/accelerate/one_node.yaml"
 
 
 def test_one_node_multi_machine_needs_rank_and_ip(fakes, tmp_path):
-    env = clean_env(ACCELERATE=fakes["accelerate"], FAKE_LOG=fakes["log"], NUM_GPUS=8,
+    env = clean_env(TINYDIST_LAUNCH=fakes["launch"], FAKE_LOG=fakes["log"], NUM_GPUS=8,
                     NUM_MACHINES=2)
     r = subprocess.run([str(LAUNCH / "one_node.sh")], env=env, cwd=tmp_path, timeout=TIMEOUT,
                        capture_output=True, text=True)
@@ -309,56 +338,37 @@ def test_one_node_multi_machine_needs_rank_and_ip(fakes, tmp_path):
     assert not fakes["log"].exists()
 
 
-@pytest.mark.parametrize("rank_codes,expected", [
-    ("75,75", 75), ("0,0", 0), ("2,75", 2), ("75,3", 3), ("75,0", 75), ("0,1", 1)])
-def test_rank_codes_are_recovered(fakes, tmp_path, rank_codes, expected):
-    """accelerate reports 1 for any failure; the launcher reports what the ranks said."""
-    env = clean_env(ACCELERATE=fakes["accelerate"], FAKE_LOG=fakes["log"], NUM_GPUS=2,
-                    FAKE_RANK_CODES=rank_codes)
-    r = subprocess.run([str(LAUNCH / "one_node.sh")], env=env, cwd=tmp_path, timeout=TIMEOUT)
-    assert r.returncode == expected
+@pytest.mark.parametrize("code", [0, 75, 2, 3, 137])
+def test_launcher_code_is_the_script_code(fakes, tmp_path, code):
+    """tinydist.launch already returns the group's code: the shell adds nothing to it."""
+    for name in ("one_gpu.sh", "one_node.sh"):
+        env = clean_env(TINYDIST_LAUNCH=fakes["launch"], FAKE_LOG=fakes["log"], FAKE_RC=code)
+        r = subprocess.run([str(LAUNCH / name)], env=env, cwd=tmp_path, timeout=TIMEOUT)
+        assert r.returncode == code, name
 
 
-def test_no_rank_codes_keeps_accelerate_code(fakes, tmp_path):
-    env = clean_env(ACCELERATE=fakes["accelerate"], FAKE_LOG=fakes["log"], FAKE_RC=137)
-    r = subprocess.run([str(LAUNCH / "one_gpu.sh")], env=env, cwd=tmp_path, timeout=TIMEOUT)
-    assert r.returncode == 137
+@pytest.mark.parametrize("codes,fallback,expected", [
+    ([75, 75], 1, 75), ([0, 0], 0, 0), ([2, 75], 1, 2), ([75, 2, 3], 1, 2), ([75, 3], 1, 3),
+    ([3, 75, 4], 1, 3), ([75, 0], 1, 75), ([0, 1], 1, 1),
+    ([], 137, 137), ([], 0, 0), ([0, 0], 143, 143), ([75], 143, 75)])
+def test_group_exit_code(codes, fallback, expected):
+    """A config error on any rank wins (never relaunch), then a crash, then 75 (saved and stopped);
+    with no such code recorded, the launcher's own code."""
+    from tinydist.launch import group_exit_code
+    assert group_exit_code(codes, fallback) == expected
 
 
-@pytest.mark.parametrize("body,rank,expected", [
-    ("import sys; sys.exit(75)", "3", 75),
-    ("raise SystemExit(2)", "0", 2),
-    ("pass", "1", 0),
-    ("raise RuntimeError('boom')", "0", 1),
-    ("import sys; sys.exit('bad config')", "0", 1),
-    ("import os; os._exit(75)", "0", 75),
-])
-def test_exit_status_shim(tmp_path, body, rank, expected):
-    train = tmp_path / "train.py"
-    train.write_text(body + "\n")
-    out = tmp_path / "codes"
-    out.mkdir()
-    r = subprocess.run([PY, str(LAUNCH / "exit_status.py"), str(train), "--a.b=1"],
-                       env=clean_env(TINYDIST_EXIT_DIR=out, RANK=rank), timeout=TIMEOUT,
-                       capture_output=True)
-    assert r.returncode == expected
-    assert (out / f"rank{rank}.code").read_text().strip() == str(expected)
-
-
-def test_exit_status_shim_runs_script_as_main(tmp_path):
-    train = tmp_path / "train.py"
-    train.write_text(textwrap.dedent("""
-        import sys, os, signal
-        assert __name__ == "__main__" and sys.argv == [__file__, "--x=1"], sys.argv
-        assert sys.path[0] == os.path.dirname(os.path.abspath(__file__))
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # un-ignored
-        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    """))
-    r = subprocess.run(["bash", "-c", f"trap '' TERM INT USR1; exec {PY} \"$@\"", "x",
-                        str(LAUNCH / "exit_status.py"), str(train), "--x=1"],
-                       env=clean_env(), timeout=TIMEOUT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_record_exit_code(tmp_path, monkeypatch):
+    from tinydist.launch import EXIT_DIR_ENV, record_exit_code
+    monkeypatch.delenv(EXIT_DIR_ENV, raising=False)
+    monkeypatch.setenv("RANK", "3")
+    record_exit_code(75)  # not launched through tinydist.launch: nothing to do
+    monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
+    record_exit_code(75)
+    assert [p.name for p in tmp_path.iterdir()] == ["rank3.code"]
+    assert (tmp_path / "rank3.code").read_text().strip() == "75"
+    monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path / "gone"))
+    record_exit_code(2)  # cannot write: says so, never raises
 
 
 # --------------------------------------------------------------------------- spot_relaunch.sh
@@ -435,7 +445,7 @@ def test_spot_forwards_signal_and_does_not_relaunch(tmp_path, sig):
 
 def sbatch(fakes, tmp_path, args=(), **env):
     e = clean_env(**{"SRUN": fakes["srun"], "SCONTROL": fakes["scontrol"],
-                     "ACCELERATE": fakes["accelerate"], "FAKE_LOG": fakes["log"],
+                     "TINYDIST_LAUNCH": fakes["launch"], "FAKE_LOG": fakes["log"],
                      "FAKE_SRUN_LOG": fakes["srun_log"], "FAKE_SCONTROL_LOG": fakes["scontrol_log"],
                      "SLURM_JOB_ID": 4242, "SLURM_NNODES": 2, "SLURM_JOB_NODELIST": "node[01-02]",
                      "SLURM_GPUS_PER_NODE": "a100:8", "SLURM_SUBMIT_DIR": ROOT, **env})
@@ -447,12 +457,10 @@ def sbatch(fakes, tmp_path, args=(), **env):
 
 @pytest.mark.parametrize("env,code,requeues", [
     ({"FAKE_RC": 75}, 0, ["requeue 4242"]),
-    ({"FAKE_RANK_CODES": "75,75,75,75,75,75,75,75"}, 0, ["requeue 4242"]),  # accelerate says 1
     ({"FAKE_RC": 0}, 0, []),
     ({"FAKE_RC": 1}, 1, []),
     ({"FAKE_RC": 2}, 2, []),
-    ({"FAKE_RANK_CODES": "2,2,2,2,2,2,2,2"}, 2, []),
-    ({"FAKE_RANK_CODES": "75,75,75,75,75,75,75,3"}, 3, []),
+    ({"FAKE_RC": 3}, 3, []),
 ])
 def test_sbatch_requeues_only_on_75(fakes, tmp_path, env, code, requeues):
     r, got = sbatch(fakes, tmp_path, **env)
@@ -470,7 +478,7 @@ def test_sbatch_accelerate_args(fakes, tmp_path):
     assert r.returncode == 0, r.stderr
     (opts,) = [json.loads(l) for l in fakes["srun_log"].read_text().splitlines()]
     assert "--nodes=2" in opts and "--ntasks-per-node=1" in opts
-    calls = accelerate_calls(fakes)
+    calls = launch_calls(fakes)
     assert [c["node"] for c in calls] == ["0", "1"]  # one accelerate launch per node
     for c in calls:
         argv = c["argv"]
@@ -493,7 +501,7 @@ def test_sbatch_without_gpu_count_is_a_config_error(fakes, tmp_path):
 
 def test_skypilot_run_block_args(fakes, tmp_path):
     task = yaml.safe_load((LAUNCH / "skypilot.yaml").read_text())
-    env = clean_env(ACCELERATE=fakes["accelerate"], FAKE_LOG=fakes["log"],
+    env = clean_env(TINYDIST_LAUNCH=fakes["launch"], FAKE_LOG=fakes["log"],
                     **{k: v for k, v in task["envs"].items()},
                     SKYPILOT_NUM_NODES=2, SKYPILOT_NODE_RANK=1, SKYPILOT_NUM_GPUS_PER_NODE=8,
                     SKYPILOT_NODE_IPS="10.0.0.1\n10.0.0.2")
@@ -501,7 +509,7 @@ def test_skypilot_run_block_args(fakes, tmp_path):
     r = subprocess.run(["bash", "-c", task["run"]], env=env, cwd=ROOT, timeout=TIMEOUT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    (call,) = accelerate_calls(fakes)
+    (call,) = launch_calls(fakes)
     argv = call["argv"]
     assert flag(argv, "--machine_rank") == "1" and flag(argv, "--main_process_ip") == "10.0.0.1"
     assert flag(argv, "--num_machines") == "2" and flag(argv, "--num_processes") == "16"
@@ -509,46 +517,103 @@ def test_skypilot_run_block_args(fakes, tmp_path):
     assert f"--checkpoint.dir={task['envs']['CHECKPOINT_DIR']}" in train_args(argv)
 
 
-# --------------------------------------------------------------------------- real accelerate
+# --------------------------------------------------------------------------- real tinydist.launch
 
-def _real_accelerate():
-    if shutil.which("accelerate", path=clean_env()["PATH"]) is None:
-        pytest.skip("accelerate is not installed")
-
-
-@pytest.mark.parametrize("code", [75, 2])
-def test_real_accelerate_one_gpu_keeps_exit_code(tmp_path, code):
-    """`accelerate launch` alone exits 1 for 75, 2 and 3 alike; one_gpu.sh must not."""
-    _real_accelerate()
-    trainer = script(tmp_path / "train.py", EXIT_TRAINER)
-    r = subprocess.run([str(LAUNCH / "one_gpu.sh")], timeout=TIMEOUT, capture_output=True,
-                       env=clean_env(TRAIN_SCRIPT=trainer, CODE=code))
-    assert r.returncode == code, r.stderr[-2000:]
+def _needs_accelerate():
+    pytest.importorskip("accelerate.commands.launch", reason="accelerate is not installed")
 
 
-def test_real_accelerate_one_node_mixed_rank_codes(tmp_path):
-    _real_accelerate()
-    trainer = script(tmp_path / "train.py", EXIT_TRAINER)
-    r = subprocess.run([str(LAUNCH / "one_node.sh")], timeout=TIMEOUT, capture_output=True,
-                       env=clean_env(TRAIN_SCRIPT=trainer, NUM_GPUS=2, RANK_CODES="75,3"))
-    assert r.returncode == 3, r.stderr[-2000:]
+def tinydist_launch(flags, trainer, **env):
+    """`python -m tinydist.launch FLAGS TRAINER` in its own session (so a test can signal its
+    process group), from the repository root."""
+    return subprocess.Popen([PY, "-m", "tinydist.launch", *flags, str(trainer)], cwd=ROOT,
+                            start_new_session=True, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(**env))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_real_accelerate_one_gpu_signal_to_process_group(tmp_path, sig):
-    """Ctrl-C / a VM shutdown signals the whole group: the trainer saves, the code is 75."""
-    _real_accelerate()
-    trainer = script(tmp_path / "train.py", SIGNALLED_TRAINER)
-    proc = subprocess.Popen([str(LAUNCH / "one_gpu.sh")], start_new_session=True,
-                            stderr=subprocess.PIPE, env=clean_env(TRAIN_SCRIPT=trainer,
-                                                                  STUB_DIR=tmp_path))
+ONE = ["--cpu", "--num_processes", "1"]
+TWO = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]  # gloo; a free port
+
+
+def finish(proc):
+    """Its stderr's end once it exited; whatever is left of its process group is killed."""
     try:
-        wait_for(tmp_path / "ready0", proc)
-        os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
-    assert proc.returncode == 75, err[-2000:]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return err[-3000:]
+
+
+def test_launch_keeps_the_ranks_exit_code(tmp_path):
+    """`accelerate launch` alone exits 1 for 75, 2 and 3 alike; tinydist.launch must not, and must
+    pick the crash over the 75 (torchrun's error alone gives one rank's code). One process (accelerate
+    raises CalledProcessError, not ChildFailedError) with its 75: the signal tests below; the whole
+    priority order: test_group_exit_code."""
+    _needs_accelerate()
+    rank_codes, expected = "75,3", 3
+    trainer = script(tmp_path / "train.py", EXIT_TRAINER)
+    proc = tinydist_launch(TWO, trainer, RANK_CODES=rank_codes, STUB_DIR=tmp_path)
+    err = finish(proc)
+    assert proc.returncode == expected, err
+    assert f"tinydist.launch: training exited with {expected}" in err
+    envs = [json.loads((tmp_path / f"env{r}").read_text())
+            for r in range(len(rank_codes.split(",")))]
+    assert all(e["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "170" for e in envs)  # the launcher's default
+    assert len({e["TINYDIST_EXIT_DIR"] for e in envs}) == 1  # one folder for the group...
+    assert not Path(envs[0]["TINYDIST_EXIT_DIR"]).exists()  # ...removed when it is done
+
+
+def test_launch_sigint_to_process_group(tmp_path):
+    """Ctrl-C signals the whole foreground group (the launcher and its one process alike): the
+    trainer saves, the code is 75 (TERM to a whole group: spot_relaunch.sh, tested above with a
+    stand-in; every process signalled: the SLURM test below)."""
+    sig = signal.SIGINT
+    _needs_accelerate()
+    trainer = script(tmp_path / "train.py", SIGNALLED_TRAINER)
+    proc = tinydist_launch(ONE, trainer, STUB_DIR=tmp_path)
+    try:
+        wait_for(tmp_path / "ready0", proc)
+        os.killpg(proc.pid, sig)
+    finally:
+        err = finish(proc)
+    assert proc.returncode == 75, err
+    assert (tmp_path / "got0").read_text() == sig.name
+
+
+def test_launch_sigterm_to_the_launcher_only_two_processes(tmp_path):
+    """Kubernetes signals PID 1 only: torchrun's agent inside the launcher passes it on."""
+    _needs_accelerate()
+    trainer = script(tmp_path / "train.py", SIGNALLED_TRAINER)
+    proc = tinydist_launch(TWO, trainer, STUB_DIR=tmp_path)
+    try:
+        wait_for(tmp_path / "ready0", proc)
+        wait_for(tmp_path / "ready1", proc)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        err = finish(proc)
+    assert proc.returncode == 75, err
+    assert (tmp_path / "got0").read_text() == (tmp_path / "got1").read_text() == "SIGTERM"
+
+
+def test_one_gpu_sh_sigterm_to_the_script_only(tmp_path):
+    """SIGTERM to the script's own pid (Kubernetes' PID 1, or systemd's main process) reaches the
+    training: the script execs the launcher, which forwards it (one process: no torchrun)."""
+    sig = signal.SIGTERM
+    _needs_accelerate()
+    trainer = script(tmp_path / "train.py", SIGNALLED_TRAINER)
+    proc = subprocess.Popen([str(LAUNCH / "one_gpu.sh")], start_new_session=True,
+                            stderr=subprocess.PIPE, text=True,
+                            env=clean_env(TRAIN_SCRIPT=trainer, STUB_DIR=tmp_path))
+    try:
+        wait_for(tmp_path / "ready0", proc)
+        proc.send_signal(sig)
+    finally:
+        err = finish(proc)
+    assert proc.returncode == 75, err
     assert (tmp_path / "got0").read_text() == sig.name
 
 
@@ -570,33 +635,35 @@ def _descendants(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_real_accelerate_usr1_to_every_process_like_slurm(tmp_path):
-    """sbatch --signal=USR1@T (no B:) signals every process of the step, torchrun's workers and
-    the launchers alike: the launchers must survive it and the ranks must save and exit 75."""
-    _real_accelerate()
+def test_one_node_sh_usr1_to_every_process_like_slurm(tmp_path):
+    """sbatch --signal=USR1@T (no B:) signals every process of the step, the ranks and the
+    launcher alike: the launcher must survive it and the ranks must save and exit 75."""
+    _needs_accelerate()
     trainer = script(tmp_path / "train.py", SIGNALLED_TRAINER)
     proc = subprocess.Popen([str(LAUNCH / "one_node.sh")], start_new_session=True,
-                            stderr=subprocess.PIPE, env=clean_env(TRAIN_SCRIPT=trainer,
-                                                                  STUB_DIR=tmp_path, NUM_GPUS=2))
+                            stderr=subprocess.PIPE, text=True,
+                            env=clean_env(TRAIN_SCRIPT=trainer, STUB_DIR=tmp_path, NUM_GPUS=2,
+                                          ACCELERATE_ARGS="--main_process_port 0"))
     try:
         wait_for(tmp_path / "ready0", proc)
         wait_for(tmp_path / "ready1", proc)
-        for pid in _descendants(proc.pid):
+        pids = _descendants(proc.pid)
+        assert len(pids) >= 3  # the launcher (the script's pid, exec'd) and two ranks
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
-        _, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        proc.kill()
-    assert proc.returncode == 75, err[-3000:]
+        err = finish(proc)
+    assert proc.returncode == 75, err
     assert (tmp_path / "got0").read_text() == "SIGUSR1"
     assert (tmp_path / "got1").read_text() == "SIGUSR1"
 
 
-def test_real_accelerate_two_machines_on_localhost(tmp_path):
+def test_real_two_machines_on_localhost(tmp_path):
     """multi_node.yaml + the flags one_node.sh adds give one world of 2 over 2 'machines'."""
-    _real_accelerate()
+    _needs_accelerate()
     import socket
 
     trainer = script(tmp_path / "train.py", """
@@ -608,6 +675,8 @@ def test_real_accelerate_two_machines_on_localhost(tmp_path):
         with open(os.path.join(os.environ["STUB_DIR"], f"rank{dist.get_rank()}"), "w") as f:
             f.write(f"{dist.get_world_size()} {t.item():.0f} {os.environ['GROUP_RANK']}")
         dist.destroy_process_group()
+        from tinydist.launch import record_exit_code
+        record_exit_code(75)
         sys.exit(75)
     """)
     with socket.socket() as s:
