@@ -58,8 +58,11 @@ def group_exit_code(codes: Sequence[int], fallback: int) -> int:
 def _children() -> list[int]:
     pids: list[int] = []
     for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):  # Linux; elsewhere nothing to forward
-        with open(path) as f:
-            pids += [int(p) for p in f.read().split()]
+        try:
+            with open(path) as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:  # a thread ended between glob and open; raising in a signal handler would kill us
+            continue
     return pids
 
 
@@ -71,7 +74,15 @@ def _forward(signum: int, frame: Any) -> None:
             pass
 
 
+def _recorded_codes(folder: str) -> list[int]:
+    paths = glob.glob(os.path.join(folder, "rank*.code"))
+    paths.sort(key=lambda p: int(os.path.basename(p)[4:-5]))  # rank order: rank10 after rank2
+    return [int(open(p).read()) for p in paths]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    for sig in SIGNALS:  # first thing: a signal during the imports below must not kill us either
+        signal.signal(sig, _forward)
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -79,8 +90,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     folder = tempfile.mkdtemp(prefix="tinydist-exit.")
     os.environ[EXIT_DIR_ENV] = folder
-    for sig in SIGNALS:
-        signal.signal(sig, _forward)
     # torchrun's default grace between forwarding SIGTERM and SIGKILL (30 s) can cut a save short.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "170")
     fallback = 0
@@ -88,12 +97,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         launch_command(args)
     except subprocess.CalledProcessError as e:  # one process
         fallback = e.returncode
+    except SystemExit as e:  # one process with --quiet: accelerate exits 1 itself
+        fallback = e.code if isinstance(e.code, int) else 1
     except ChildFailedError as e:  # several: torchrun
-        fallback = next(iter(e.failures.values())).exitcode or 1
+        fallback = e.get_first_failure()[1].exitcode or 1
     except SignalException as e:  # torchrun was signalled; its ranks were told and have exited
         fallback = 128 + int(e.sigval)
-    codes = [int(open(p).read()) for p in sorted(glob.glob(os.path.join(folder, "rank*.code")))]
-    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        codes = _recorded_codes(folder)
+        shutil.rmtree(folder, ignore_errors=True)
     code = group_exit_code(codes, fallback if fallback >= 0 else 128 - fallback)
     print(f"tinydist.launch: training exited with {code}", file=sys.stderr)
     return code

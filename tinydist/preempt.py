@@ -11,8 +11,6 @@ from __future__ import annotations
 import signal
 from typing import Any, Optional
 
-import torch
-
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad config, data source or batch arithmetic: relaunching cannot fix it
 EXIT_PREEMPTED = 75  # stopped at a step boundary after a committed checkpoint: relaunch me (EX_TEMPFAIL)
@@ -39,6 +37,7 @@ class StopFlag:
         """True on every rank if any rank was signalled. A collective: call it on all ranks."""
         if world_size == 1:
             return self.requested
+        import torch  # here, not at the top: launchers import the exit codes and should not pay for torch
         import torch.distributed as dist
 
         if self._group is None:
