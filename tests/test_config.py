@@ -158,7 +158,7 @@ def test_wrong_type_in_a_recipe(tmp_path):
     (["--optim.schedule=linear"], "`optim.schedule`"),
     (["--log.report_to=[mlflow]"], "'mlflow'; expected any of wandb, tensorboard"),
     (["--data.image_size=0"], "`data.image_size`"),
-    (["--train.micro_batch_size=48"], "not a multiple of `train.micro_batch_size` 48"),
+    (["--train.micro_batch_size=48"], "not a multiple of train.micro_batch_size 48 x 1 processes; micro batch sizes"),
     (["--data.crop_scale=[0.5,0.2]"], "`data.crop_scale`"),
     (["--model.extra_fc=-1"], "`model.extra_fc`"),
     (["--optim.lr=0"], "`optim.lr`"),
@@ -197,5 +197,5 @@ def test_cli_prints_the_resolved_config_or_one_error_line():
     assert yaml.safe_load(ok.stdout)["train"]["max_steps"] == 20
     bad = subprocess.run([sys.executable, "-m", "tinydist.config", "--train.max_step=20"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "did you mean `train.max_steps`" in bad.stderr

@@ -264,10 +264,9 @@ def validate(cfg: Config) -> None:
     for tracker in cfg.log.report_to:
         if tracker not in TRACKERS:
             raise ConfigError(f"bad value in `log.report_to`: {tracker!r}; expected any of {', '.join(TRACKERS)}")
-    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
-        raise ConfigError(
-            f"`train.global_batch_size` {cfg.train.global_batch_size} is not a multiple of "
-            f"`train.micro_batch_size` {cfg.train.micro_batch_size}")
+    from tinydist.sampler import accumulation_steps
+
+    accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)  # names sizes that would work
     low, high = (cfg.data.crop_scale + [0.0, 0.0])[:2]
     if len(cfg.data.crop_scale) != 2 or not 0 < low <= high <= 1:
         raise ConfigError(f"bad value for `data.crop_scale`: {cfg.data.crop_scale}; expected [low, high] with 0 < low <= high <= 1")
@@ -297,8 +296,17 @@ def checkpoint_dir(cfg: Config) -> str:
     return cfg.checkpoint.dir or f"{cfg.train.output_dir.rstrip('/')}/checkpoints"
 
 
-if __name__ == "__main__":  # print the resolved config: python -m tinydist.config --config X --a.b=v
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the resolved config: python -m tinydist.config --config X --a.b=v"""
+    from tinydist import config  # the imported module, not __main__: its ConfigError is the one raised
+
     try:
-        print(to_yaml(load_config(sys.argv[1:])), end="")
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(config.to_yaml(config.load_config(sys.argv[1:] if argv is None else argv)), end="")
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

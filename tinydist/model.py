@@ -25,6 +25,19 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def track_bn_statistics(model: nn.Module, enabled: bool) -> None:
+    """Let BatchNorm layers update their running statistics in the next forward, or not.
+
+    The loop updates them on the first global micro-batch of each optimizer step only. Under DDP
+    the statistics that survive are rank 0's (broadcast at each forward), so "every micro-batch"
+    would mean "every micro-batch rank 0 happens to hold" and depend on the process count; "the
+    step's first micro-batch" is the same on any number of processes.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = enabled
+
+
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """BN weights and all biases: decaying them only fights normalisation."""
     return param.ndim <= 1

@@ -34,7 +34,7 @@ from tinydist.config import Config, ConfigError, load_config
 from tinydist.data import load_split
 from tinydist.evaluate import evaluate
 from tinydist.launch import record_exit_code
-from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step
+from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step, track_bn_statistics
 from tinydist.optim import build_optimizer, build_schedule
 from tinydist.preempt import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, StopFlag
 from tinydist.sampler import GlobalSampler
@@ -152,6 +152,7 @@ def train(cfg: Config) -> int:
             images, labels = to_device(train_data.gather(micro.indices), train_data.labels[micro.indices], device)
             inputs = train_transform(images, cfg.train.seed, micro.epoch, micro.index, cfg.model.channels_last,
                                      cfg.data.crop_scale, cfg.data.hflip)
+            track_bn_statistics(bare_model, micro.index % sampler.micro_batches_per_step == 0)  # see model.py
             with accelerator.accumulate(model):
                 logits = model(inputs)
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
@@ -161,6 +162,7 @@ def train(cfg: Config) -> int:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+        track_bn_statistics(bare_model, True)  # evaluation reads the running statistics
         schedule.step()
         step += 1
         window_steps += 1
