@@ -218,10 +218,6 @@ def test_softmax_guard_stops_training_with_exit_2(cache_dir, tmp_path):
 # ---- 5. trackers: W&B offline and TensorBoard --------------------------------------------------------------
 
 TRACKER_STEPS, TRACKER_EVERY = 4, 2
-TRACKERS_XFAIL = ("tinydist/train.py make_accelerator() builds Accelerator(cpu=...) without log_with/project_dir, "
-                  "so accelerator.init_trackers() starts no tracker and log.report_to is silently ignored")
-WANDB_XFAIL = ("tinydist/tracking.py RunLog.__init__ calls wandb.util.generate_id(), which wandb 0.31 no longer "
-               "has: AttributeError, exit 1; and " + TRACKERS_XFAIL)
 
 
 def _assert_tensorboard_matches_metrics(out: str) -> None:
@@ -242,14 +238,12 @@ def _tracker_run(cache_dir, tmp_path, report_to: str, env):
     return out, run_train(args, env=env, timeout=SUBPROCESS_TIMEOUT)
 
 
-@pytest.mark.xfail(strict=True, reason=TRACKERS_XFAIL)
 def test_tensorboard_scalars(cache_dir, tmp_path):
     out, result = _tracker_run(cache_dir, tmp_path, "[tensorboard]", train_env())
     assert result.returncode == 0, describe(result)
     _assert_tensorboard_matches_metrics(out)
 
 
-@pytest.mark.xfail(strict=True, reason=WANDB_XFAIL)
 def test_wandb_goes_offline_without_credentials_and_tensorboard(cache_dir, tmp_path):
     home = tmp_path / "home"  # no ~/.netrc, no wandb settings
     home.mkdir()

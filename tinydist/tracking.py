@@ -11,6 +11,8 @@ import json
 import netrc
 import os
 import re
+import secrets
+import string
 from typing import Any, Optional
 
 import fsspec
@@ -109,9 +111,7 @@ class RunLog:
         init_kwargs: dict[str, Any] = {}
         if "wandb" in cfg.log.report_to:
             wandb_never_blocks(accelerator.print)
-            import wandb
-
-            self.run_id = run_id or wandb.util.generate_id()
+            self.run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             init_kwargs["wandb"] = {"id": self.run_id, "resume": "allow", "dir": staging,
                                     "name": cfg.log.run_name or os.path.basename(cfg.train.output_dir.rstrip("/"))}
         accelerator.init_trackers(cfg.log.project, config=flatten(to_dict(cfg)), init_kwargs=init_kwargs)

@@ -24,6 +24,7 @@ import fsspec
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
 from tinydist import config as config_lib
@@ -38,13 +39,19 @@ from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.optim import build_optimizer, build_schedule
 from tinydist.preempt import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, StopFlag
 from tinydist.sampler import GlobalSampler
-from tinydist.tracking import RunLog
+from tinydist.tracking import RunLog, local_staging_dir
 
 
-def make_accelerator() -> Accelerator:
-    # Without a GPU, Accelerate only forms a (gloo) process group when told to use the CPU;
-    # otherwise every process would silently train alone.
-    return Accelerator(cpu=not torch.cuda.is_available())
+def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
+    """Accelerate owns devices, processes and precision (launch flags, config files); tinydist adds
+    only the trackers. Without a GPU, Accelerate forms a (gloo) process group only when told to use
+    the CPU; otherwise every process would silently train alone."""
+    trackers = list(cfg.log.report_to) if cfg else []
+    if "tensorboard" in trackers and not is_tensorboard_available():
+        raise ConfigError("log.report_to has `tensorboard` but it is not installed: pip install -e '.[tensorboard]'")
+    staging = local_staging_dir(cfg.train.output_dir) if cfg else None
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging))
 
 
 def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
@@ -62,7 +69,7 @@ def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
 
 
 def train(cfg: Config) -> int:
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg)
     say = accelerator.print
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     say(f"tinydist: {world} process(es), device {device.type}, precision {accelerator.mixed_precision}")
@@ -143,7 +150,8 @@ def train(cfg: Config) -> int:
 
     # The loop: one optimizer step per iteration, `accumulation` micro-batches each.
     model.train()
-    progress = tqdm(total=last_step, initial=step, disable=not accelerator.is_main_process, desc="train",
+    progress = tqdm(total=last_step, initial=step, desc="train",
+                    disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")),
                     mininterval=1 if sys.stderr.isatty() else 30)  # batch logs get a line per 30 s, not per step
     loss_sum = torch.zeros((), device=device)
     window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
