@@ -401,3 +401,22 @@ def test_evaluate_cli_reproduces_final_validation(smoke_run, cache_dir):
     assert scores["val/top5"] == pytest.approx(last["val/top5"], abs=1e-6), (scores, last)
     assert scores["val/loss"] == pytest.approx(last["val/loss"], rel=1e-4), (scores, last)
     assert scores["images"] == 299  # digits: 1797 images, one sixth held out
+
+
+def test_wandb_run_continues_after_resume(cache_dir, tmp_path):
+    """A resumed run logs to the same W&B run id (stored in the checkpoint) and its steps continue
+    where the first part stopped: one curve, not two halves."""
+    out = str(tmp_path / "run")
+    env = train_env({"WANDB_MODE": "offline"})
+    first = run_train(tiny_args(cache_dir, out, train__max_steps=4, log__every_steps=1, log__report_to="[wandb]"),
+                      env=env, timeout=SUBPROCESS_TIMEOUT)
+    assert first.returncode == 0, describe(first)
+    second = run_train(tiny_args(cache_dir, out, train__max_steps=7, log__every_steps=1, log__report_to="[wandb]"),
+                       env=env, timeout=SUBPROCESS_TIMEOUT)
+    assert second.returncode == 0 and "resumed from" in second.stdout, describe(second)
+    runs = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb")))
+    assert len(runs) == 2, runs
+    ids = {os.path.basename(path)[len("run-"):-len(".wandb")] for path in runs}
+    assert len(ids) == 1, f"the resumed part logged to another W&B run: {ids}"
+    steps = [sorted(row["_step"] for row in wandb_history(path) if "train/loss" in row) for path in runs]
+    assert steps == [[1, 2, 3, 4], [5, 6, 7]], steps
