@@ -40,6 +40,7 @@ from torchvision import transforms as T
 from tinydist import config as config_lib
 from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, to_device, train_transform
 from tinydist.checkpoint import Checkpointer
+from tinydist.hostmem import keep_freed_memory
 from tinydist.data import load_split
 from tinydist.model import build_model
 from tinydist.optim import build_optimizer, build_schedule
@@ -352,10 +353,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = list(FIGURES) if "all" in opts.figures else list(dict.fromkeys(opts.figures))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)  # ours and every baseline get every core
+    # As train() does; before any worker forks, so the baselines' DataLoader workers inherit it too.
+    tuned = keep_freed_memory()
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"bench: machine {platform.node()}, {os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, "
           f"device {device.type}{gpu}, python {platform.python_version()}, {'quick' if opts.quick else 'default'} "
-          "sizes", flush=True)
+          f"sizes, glibc keeps freed memory: {tuned}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tinydist-bench-", ignore_cleanup_errors=True) as tmp:
         # `datasets`' own cache in tmp too: the variable reaches the subprocesses, the attribute this
         # process (whose `datasets` read the variable on import).

@@ -34,6 +34,7 @@ from tinydist.export import export_model
 from tinydist.config import Config, ConfigError, load_config
 from tinydist.data import load_split
 from tinydist.evaluate import evaluate
+from tinydist.hostmem import keep_freed_memory
 from tinydist.launch import record_exit_code
 from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step, track_bn_statistics
 from tinydist.optim import build_optimizer, build_schedule
@@ -69,6 +70,7 @@ def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
 
 
 def train(cfg: Config) -> int:
+    keep_freed_memory()  # see hostmem.py: per-batch page faults otherwise dominate CPU-side work
     accelerator = make_accelerator(cfg)
     say = accelerator.print
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
