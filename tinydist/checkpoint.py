@@ -108,7 +108,7 @@ class Checkpointer:
         self.rank, self.world_size, self.log, self.commit_timeout_s = rank, world_size, log, commit_timeout_s
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._pinned: dict[str, torch.Tensor] = {}
+        self._host_buffers: dict[str, torch.Tensor] = {}
 
     # ---- paths -------------------------------------------------------------------------------------------
     def _url(self, name: str) -> str:
@@ -152,20 +152,19 @@ class Checkpointer:
             os.close(dir_fd)
 
     def _to_host(self, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        """Copy to host memory now: training mutates these tensors in place as soon as save() returns."""
+        """Copy to host memory now: training mutates these tensors in place as soon as save() returns.
+        The buffers are reused from save to save (the previous save has finished by now): fresh ones
+        would cost page faults on the CPU and pinned allocations on a GPU, inside the blocked time."""
         out, devices = {}, set()
         for key, t in tensors.items():
             t = t.detach()
+            buf = self._host_buffers.get(prefix + key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+                self._host_buffers[prefix + key] = buf
+            out[key] = buf.copy_(t, non_blocking=t.device.type == "cuda")
             if t.device.type == "cuda":
-                buf = self._pinned.get(prefix + key)  # free to reuse: the previous save has finished
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    buf = self._pinned[prefix + key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                out[key] = buf.copy_(t, non_blocking=True)
                 devices.add(t.device)
-            elif t.device.type == "cpu":
-                out[key] = t.clone(memory_format=torch.contiguous_format)
-            else:
-                out[key] = t.to("cpu", copy=True).contiguous()
         for device in devices:
             torch.cuda.synchronize(device)
         return out

@@ -16,6 +16,7 @@ silently shrink the dataset and shift what "epoch" means between machines.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -175,6 +176,7 @@ def _files_dataset(root: str, files: list[str], labels: list[int], features: Any
     return datasets.Dataset(ds.data, info=ds.info, fingerprint=stamp.hexdigest()[:16])
 
 
+@functools.lru_cache(maxsize=1)  # asked for once per split: build (and PNG-encode) it once per process
 def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
     """scikit-learn's 1,797 handwritten digits (shipped inside scikit-learn, so no download) as a
     Tiny-ImageNet-shaped dataset: 64x64 grayscale PNGs, 10 classes, splits `train` and `valid`."""
