@@ -23,6 +23,8 @@ except ImportError:  # the package is not installed into the venv: test the work
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tinydist.checkpoint import Checkpointer, CheckpointError, parse_size  # noqa: E402
+from tinydist.ckpt_format import InvalidCheckpointError  # noqa: E402
+from tinydist.exitcodes import TransientError  # noqa: E402
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -205,14 +207,14 @@ def test_save_returns_before_writing_and_snapshots_state(tmp_path):
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     ck = Checkpointer(str(tmp_path), keep_last=2, log=Logs())
     gate, writing = threading.Event(), threading.Event()
-    real_write = ck._write
+    real_write = ck.storage.write
 
     def gated_write(path, data):
         writing.set()
         assert gate.wait(30)
         real_write(path, data)
 
-    ck._write = gated_write
+    ck.storage.write = gated_write
     start = time.monotonic()
     ck.save(3, model, opt, {"epoch": 0})
     assert time.monotonic() - start < 5
@@ -285,11 +287,8 @@ def _index_points(target: str):
     return corrupt
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _flip, _no_marker, _missing_shard,
-                                     _index_points("../step-00000001/model-00001-of-00005.safetensors"),
-                                     _index_points("/etc/passwd"), _index_points("..\\evil.safetensors")],
-                         ids=["truncated", "flipped-byte", "no-marker", "missing-shard",
-                              "dotdot", "absolute", "backslash"])
+@pytest.mark.parametrize("corrupt", [_truncate, _flip, _no_marker, _missing_shard],
+                         ids=["truncated", "flipped-byte", "no-marker", "missing-shard"])
 def test_corrupt_checkpoint_is_skipped_loudly(tmp_path, corrupt):
     model, opt = trained("sgd")
     logs = Logs()
@@ -305,6 +304,38 @@ def test_corrupt_checkpoint_is_skipped_loudly(tmp_path, corrupt):
         ck.load(f"{tmp_path}/step-00000002", *build("sgd"))
     message = str(err.value)
     assert "\n" not in message and "step-00000002" in message and reason in message
+
+
+def _state_edit(**changes):
+    def corrupt(folder: Path) -> str:
+        state = json.loads((folder / "state.json").read_text())
+        state.update(changes)
+        (folder / "state.json").write_text(json.dumps(state))
+        reseal(folder)
+        return "step" if "step" in changes else "world_size"
+    return corrupt
+
+
+@pytest.mark.parametrize("edit", [_index_points("../step-00000001/model-00001-of-00005.safetensors"),
+                                  _index_points("/etc/passwd"), _index_points("..\\evil.safetensors"),
+                                  _state_edit(step=10**30), _state_edit(step=-1), _state_edit(step="abc"),
+                                  _state_edit(world_size=0)],
+                         ids=["dotdot", "absolute", "backslash", "step-huge", "step-negative", "step-text",
+                              "world-size-0"])
+def test_edited_checkpoint_is_refused_not_skipped(tmp_path, edit):
+    """Checksums fixed up after an edit: not damage but someone else's hand. Falling back to an older
+    checkpoint (or, with none, starting over) would hide it: refuse in one line."""
+    model, opt = trained("sgd")
+    ck = Checkpointer(str(tmp_path), keep_last=5, log=Logs())
+    ck.save(1, model, opt, {}, blocking=True)
+    ck.save(2, model, opt, {}, blocking=True)
+    reason = edit(tmp_path / "step-00000002")
+    with pytest.raises(InvalidCheckpointError) as err:
+        ck.latest()
+    message = str(err.value)
+    assert "\n" not in message and "step-00000002" in message and reason in message
+    with pytest.raises(InvalidCheckpointError):
+        ck.load(f"{tmp_path}/step-00000002", *build("sgd"))
 
 
 def test_wrong_model_or_optimizer_is_a_one_line_error(tmp_path):
@@ -356,13 +387,13 @@ def test_two_ranks_split_the_shards_and_commit_once(tmp_path):
     logs = [Logs(), Logs()]
     ranks = [Checkpointer(str(tmp_path), keep_last=2, max_shard_size="5MB", rank=r, world_size=2, log=logs[r])
              for r in range(2)]
-    real_write = ranks[1]._write
+    real_write = ranks[1].storage.write
 
     def slow_write(path, data):  # rank 1 lags, so rank 0 really has to wait for its part file
         time.sleep(0.05)
         real_write(path, data)
 
-    ranks[1]._write = slow_write
+    ranks[1].storage.write = slow_write
     # Each rank calls save from its own thread, as two processes would.
     threads = [threading.Thread(target=ck.save, args=(4, model, opt, {"epoch": 0}), kwargs={"blocking": True})
                for ck in ranks]
@@ -521,33 +552,93 @@ def test_s3_save_list_load_and_keep_last(bucket):
     assert_same(model_at_3, opt_at_3, fresh_model, fresh_opt)
 
 
-def test_s3_upload_failing_half_way_keeps_previous_checkpoint(bucket):
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _flaky_network(ck: Checkpointer):
+    """The bucket's connection drops after the first object of each attempt, until `down` is cleared."""
+    real_pipe, down, written = ck.storage.fs.pipe_file, threading.Event(), []
+
+    def pipe_file(path, data, **kwargs):
+        if down.is_set() and any(p.rsplit("/", 2)[-2] == path.rsplit("/", 2)[-2] for p in written):
+            raise ConnectionError("spot VM lost its network")
+        real_pipe(path, data, **kwargs)
+        written.append(path)
+
+    down.set()
+    ck.storage.fs.pipe_file = pipe_file
+    return down
+
+
+def test_s3_outage_mid_save_is_retried_while_training_goes_on(bucket):
     name, options = bucket
     model, opt = trained("sgd")
     logs = Logs()
     url = f"s3://{name}/run2"
-    ck = Checkpointer(url, keep_last=2, log=logs, storage_options=options)
+    ck = Checkpointer(url, keep_last=2, log=logs, storage_options=options, retry_s=0.05, max_retry_s=0.2)
     ck.save(3, model, opt, {}, blocking=True)
 
-    real_write, written = ck._write, []
-
-    def failing_write(path, data):
-        if written:
-            raise ConnectionError("spot VM lost its network")
-        real_write(path, data)
-        written.append(path)
-
-    ck._write = failing_write
+    down = _flaky_network(ck)
+    start = time.monotonic()
     ck.save(4, model, opt, {})
-    with pytest.raises(CheckpointError, match="ConnectionError: spot VM lost its network"):
-        ck.wait()
-    assert len(written) == 1 and written[0].endswith("model-00001-of-00005.safetensors")
+    assert time.monotonic() - start < 5  # the loop does not wait for the storage
+    assert _wait_for(lambda: sum("retrying" in line for line in logs) >= 2)
+    failure = next(line for line in logs if "retrying" in line)
+    assert "step-00000004" in failure and "ConnectionError: spot VM lost its network" in failure and "\n" not in failure
     assert ck.committed() == [f"{url}/step-00000003"]
-    logs.clear()
-    assert ck.latest() == f"{url}/step-00000003"
-    assert len(logs) == 1 and "step-00000004" in logs[0] and "missing COMMITTED marker" in logs[0]
+    # Each failed attempt removed what it wrote: nothing of step 4 is in the bucket.
+    assert not [k for k in _keys(options["endpoint_url"], name) if "step-00000004" in k]
 
-    ck._write = real_write  # the network is back: the next save works and cleans nothing it shouldn't
-    ck.save(5, model, opt, {}, blocking=True)
-    assert ck.committed() == [f"{url}/step-00000003", f"{url}/step-00000005"]
-    assert {key.split("/")[1] for key in _keys(options["endpoint_url"], name)} == {"step-00000003", "step-00000005"}
+    down.clear()  # the network is back: the retry commits, and cleans nothing it shouldn't
+    ck.wait()
+    assert ck.fault is None
+    assert ck.committed() == [f"{url}/step-00000003", f"{url}/step-00000004"]
+    fresh, fresh_opt = build("sgd", seed=3)
+    ck.load(ck.latest(), fresh, fresh_opt)
+    assert_same(model, opt, fresh, fresh_opt)
+
+
+def test_s3_save_still_retrying_is_superseded_by_the_next(bucket):
+    name, options = bucket
+    model, opt = trained("sgd")
+    logs = Logs()
+    url = f"s3://{name}/run3"
+    ck = Checkpointer(url, keep_last=2, log=logs, storage_options=options, retry_s=0.05, max_retry_s=0.1)
+    ck.save(1, model, opt, {}, blocking=True)
+    down = _flaky_network(ck)
+    ck.save(2, model, opt, {})
+    assert _wait_for(lambda: any("retrying" in line for line in logs))
+    train(model, opt, steps=1, seed=7)
+    start = time.monotonic()
+    ck.save(3, model, opt, {})  # replaces the retrying step-2 save instead of waiting for the network
+    assert time.monotonic() - start < 5
+    down.clear()
+    ck.wait()
+    assert ck.committed() == [f"{url}/step-00000001", f"{url}/step-00000003"]
+    fresh, fresh_opt = build("sgd", seed=3)
+    ck.load(ck.latest(), fresh, fresh_opt)
+    assert_same(model, opt, fresh, fresh_opt)
+    assert not [k for k in _keys(options["endpoint_url"], name) if "step-00000002" in k]
+
+
+def test_s3_outage_longer_than_the_budget_stops_the_run_as_transient(bucket):
+    name, options = bucket
+    model, opt = trained("sgd")
+    logs = Logs()
+    ck = Checkpointer(f"s3://{name}/run4", keep_last=2, log=logs, storage_options=options, retry_s=0.05,
+                      max_retry_s=0.1, max_outage_s=0.5)
+    ck.save(1, model, opt, {}, blocking=True)
+    _flaky_network(ck)
+    ck.save(2, model, opt, {})
+    assert _wait_for(lambda: ck.fault is not None)
+    assert isinstance(ck.fault, TransientError) and "max_outage_s=0.5" in str(ck.fault)
+    ck.wait()  # a background save's outage is reported through `fault`, for all ranks to agree on
+    with pytest.raises(TransientError, match="no checkpoint committed"):
+        ck.save(3, model, opt, {}, blocking=True)  # a final save: raises once the budget is spent
+    assert ck.committed() == [f"s3://{name}/run4/step-00000001"]

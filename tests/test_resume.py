@@ -131,6 +131,7 @@ import json, os, signal, sys
 sys.path.insert(0, os.getcwd())
 import tinydist.train as train
 from tinydist.checkpoint import Checkpointer
+from tinydist.storage import Storage
 
 plan = json.loads(sys.argv[1])
 mode = plan["mode"]
@@ -180,11 +181,13 @@ def save(self, step, *args, **kwargs):
 
 Checkpointer.save = save
 
-original_write = Checkpointer._write
+original_write = Storage.write
 
 
 def _write(self, path, data):
     folder, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+    if not folder.startswith("step-"):  # the lease, not a checkpoint
+        return original_write(self, path, data)
     if folder not in state["folders"]:
         state["folders"].append(folder)
     if mode == "double" and state.get("final_save") and name.startswith("model-") and not state["thread_sent"]:
@@ -198,7 +201,7 @@ def _write(self, path, data):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-Checkpointer._write = _write
+Storage.write = _write
 
 sys.exit(train.main(sys.argv[2:]))
 '''

@@ -113,6 +113,14 @@ class CheckpointConfig:
     max_shard_size: str = "10MB"
     # `auto`: newest committed checkpoint in `dir` if any; `never`: start fresh; or a checkpoint path.
     resume: str = "auto"
+    # Storage faults are retried (training goes on); stop with the transient exit code (69) only when no
+    # checkpoint has been committed for this many seconds since the first failure.
+    max_outage_s: float = 1800.0
+    # First wait before retrying a failed save, doubled after each failure up to 60 s.
+    retry_s: float = 2.0
+    # One job per `dir`: a lease whose holder has not beaten for this many seconds is taken over
+    # (a holder on the same machine whose process is gone: at once). 0 = no lease (not recommended).
+    lease_ttl_s: float = 30.0
 
 
 @dataclass
@@ -270,7 +278,7 @@ def validate(cfg: Config) -> None:
     low, high = (cfg.data.crop_scale + [0.0, 0.0])[:2]
     if len(cfg.data.crop_scale) != 2 or not 0 < low <= high <= 1:
         raise ConfigError(f"bad value for `data.crop_scale`: {cfg.data.crop_scale}; expected [low, high] with 0 < low <= high <= 1")
-    from tinydist.checkpoint import parse_size  # here: checkpoint.py imports torch, the config alone should not
+    from tinydist.storage import parse_size  # storage.py does not import torch; a config alone should not
 
     try:
         parse_size(cfg.checkpoint.max_shard_size)
@@ -280,6 +288,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
+    for key in ("checkpoint.max_outage_s", "checkpoint.retry_s", "checkpoint.lease_ttl_s"):
+        if not get(cfg, key) >= 0:
+            raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a number of seconds >= 0")
     if cfg.optim.lr <= 0 or cfg.train.epochs <= 0:
         raise ConfigError("`optim.lr` and `train.epochs` must be positive")
 

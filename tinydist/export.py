@@ -20,18 +20,22 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load as load_safetensors
 
-from tinydist.checkpoint import CheckpointError, parse_size
+from tinydist.ckpt_format import CheckpointError
+from tinydist.storage import Storage, parse_size
 
 
 def export_model(model: torch.nn.Module, url: str, max_shard_size: str | int = "10MB") -> None:
-    """Write `model.safetensors.index.json` + `model-0000k-of-0000n.safetensors` to a local path or URL."""
+    """Write `model.safetensors.index.json` + `model-0000k-of-0000n.safetensors` to a local path or URL.
+    Each file lands whole (storage.py); the index last, so a reader never sees it name a missing shard.
+    Storage faults raise StorageError (transient): the caller retries."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fs, path = fsspec.core.url_to_fs(url)
+    storage = Storage(url)
     with tempfile.TemporaryDirectory() as tmp:
         save_torch_state_dict(state, tmp, max_shard_size=parse_size(max_shard_size), force_contiguous=True)
-        fs.makedirs(path, exist_ok=True)
-        for name in sorted(os.listdir(tmp)):
-            fs.put_file(os.path.join(tmp, name), f"{path}/{name}")
+        storage.makedirs("")
+        for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".index.json")):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write(name, f.read())
 
 
 def load_model_weights(url: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:

@@ -24,7 +24,8 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
-from tinydist.preempt import EXIT_CONFIG, EXIT_PREEMPTED, SIGNALS
+from tinydist.exitcodes import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_TRANSIENT
+from tinydist.preempt import SIGNALS
 
 EXIT_DIR_ENV = "TINYDIST_EXIT_DIR"
 
@@ -44,12 +45,15 @@ def record_exit_code(code: int) -> None:
 
 
 def group_exit_code(codes: Sequence[int], fallback: int) -> int:
-    """A config error anywhere wins (never relaunch), then a crash, then 75 (saved and stopped)."""
+    """The code that tells a launcher the most: a config error anywhere wins (never relaunch), then a
+    crash (a bug: bounded relaunches), then transient (relaunch with backoff), then 75 (saved and stopped)."""
     if EXIT_CONFIG in codes:
         return EXIT_CONFIG
-    crashes = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
+    crashes = [c for c in codes if c not in (0, EXIT_PREEMPTED, EXIT_TRANSIENT)]
     if crashes:
         return crashes[0]
+    if EXIT_TRANSIENT in codes:
+        return EXIT_TRANSIENT
     if EXIT_PREEMPTED in codes:
         return EXIT_PREEMPTED
     return fallback  # every rank that recorded finished; a rank that could not record (SIGKILL) shows here

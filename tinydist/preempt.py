@@ -11,9 +11,6 @@ from __future__ import annotations
 import signal
 from typing import Any, Optional
 
-EXIT_OK = 0
-EXIT_CONFIG = 2  # bad config, data source or batch arithmetic: relaunching cannot fix it
-EXIT_PREEMPTED = 75  # stopped at a step boundary after a committed checkpoint: relaunch me (EX_TEMPFAIL)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -33,20 +30,22 @@ class StopFlag:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def agreed(self, world_size: int) -> bool:
-        """True on every rank if any rank was signalled. A collective: call it on all ranks."""
+    def agreed(self, world_size: int, fault: bool = False) -> tuple[bool, bool]:
+        """(any rank signalled, any rank reports `fault`), the same on every rank. A collective: call it
+        on all ranks at the same point; it never waits for the GPU (a CPU gloo group)."""
         if world_size == 1:
-            return self.requested
+            return self.requested, fault
         import torch  # here, not at the top: launchers import the exit codes and should not pay for torch
         import torch.distributed as dist
 
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
-        flag = torch.tensor([int(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.signal_name is None:
+        flags = torch.tensor([int(self.requested), int(fault)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        signalled, faulted = bool(flags[0].item()), bool(flags[1].item())
+        if signalled and self.signal_name is None:
             self.signal_name = "peer"
-        return bool(flag.item())
+        return signalled, faulted
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

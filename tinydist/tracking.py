@@ -18,6 +18,7 @@ from typing import Any, Optional
 import fsspec
 
 from tinydist.config import Config, to_dict
+from tinydist.storage import Storage, StorageError
 
 
 def is_local(url: str) -> bool:
@@ -60,21 +61,33 @@ class MetricsFile:
     """`{output_dir}/metrics.jsonl`: one JSON object per event. Appended locally; on object storage,
     which cannot append, the whole (small) file is rewritten at each flush."""
 
-    def __init__(self, output_dir: str, resume_step: Optional[int]):
+    def __init__(self, output_dir: str, resume_step: Optional[int], log: Any = print):
         self.url = f"{output_dir.rstrip('/')}/metrics.jsonl"
-        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.storage, self.log = Storage(output_dir), log
         self.lines: list[str] = []
-        if resume_step is not None and self.fs.exists(self.path):
-            with self.fs.open(self.path, "r") as f:
-                self.lines = [line for line in f.read().splitlines()
-                              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.fs.makedirs(self.fs._parent(self.path), exist_ok=True)
-        self._rewrite()
-        self._local = open(self.path, "a") if is_local(self.url) else None
+        if resume_step is not None:
+            try:
+                text = self.storage.read("metrics.jsonl").decode()
+            except FileNotFoundError:
+                text = ""
+            self.lines = [line for line in text.splitlines()
+                          if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.storage.makedirs("")
+        self.storage.write("metrics.jsonl", "".join(line + "\n" for line in self.lines).encode())
+        self._failing = False
+        self._local = open(self.storage.path("metrics.jsonl"), "a") if self.storage.local else None
 
     def _rewrite(self) -> None:
-        with self.fs.open(self.path, "w") as f:
-            f.write("".join(line + "\n" for line in self.lines))
+        """Object stores cannot append: the whole (small) file again. An outage costs nothing but a
+        line: the next flush writes everything, and the file is never needed to resume."""
+        try:
+            self.storage.write("metrics.jsonl", "".join(line + "\n" for line in self.lines).encode())
+        except StorageError as e:
+            if not self._failing:
+                self.log(f"could not write {self.url} ({e}); it is written again at the next flush")
+            self._failing = True
+            return
+        self._failing = False
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record)
@@ -103,7 +116,7 @@ class RunLog:
         self.uses_wandb = "wandb" in cfg.log.report_to
         if not self.active:
             return
-        self.metrics = MetricsFile(cfg.train.output_dir, resume_step)
+        self.metrics = MetricsFile(cfg.train.output_dir, resume_step, accelerator.print)
         if not cfg.log.report_to:
             return
         staging = local_staging_dir(cfg.train.output_dir)

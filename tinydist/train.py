@@ -6,7 +6,9 @@
 Devices, process count, precision and nodes come from Accelerate. The trajectory is fixed by the
 config alone: a step consumes the same global batch whatever the world size (sampler.py), and a
 run killed at any moment resumes from its newest committed checkpoint as if it never stopped.
-Exit codes: 0 done, 75 preempted after a checkpoint (relaunch me), 2 bad config or data.
+Exit codes (tinydist/exitcodes.py, decided in `main` alone): 0 done; 75 stopped after a committed
+checkpoint (relaunch now); 69 transient: storage, network, hub or a peer unavailable, the checkpoint
+dir leased by a live job (relaunch with backoff); 2 bad config, data or checkpoint (don't); else a crash.
 """
 
 from __future__ import annotations
@@ -15,31 +17,37 @@ import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
+import traceback
+
 from tinydist import config as config_lib
 from tinydist.augment import to_device, train_transform
 from tinydist.checkpoint import CheckpointError, Checkpointer
-from tinydist.export import export_model
 from tinydist.config import Config, ConfigError, load_config
 from tinydist.data import load_split
 from tinydist.evaluate import evaluate
+from tinydist.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT, TransientError
+from tinydist.export import export_model
 from tinydist.hostmem import keep_freed_memory
 from tinydist.launch import record_exit_code
+from tinydist.lease import Lease
 from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step, track_bn_statistics
 from tinydist.optim import build_optimizer, build_schedule
-from tinydist.preempt import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, StopFlag
+from tinydist.preempt import StopFlag
+from tinydist.resume import check_resume_state, resume_path
+from tinydist.retry import retry_storage
 from tinydist.sampler import GlobalSampler
+from tinydist.storage import Storage, StorageError, StorageFullError
 from tinydist.tracking import RunLog, local_staging_dir
 
 
@@ -55,18 +63,23 @@ def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
                        project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging))
 
 
-def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
-    resume = cfg.checkpoint.resume
-    if resume == "auto":
-        return checkpointer.latest()
-    if resume == "never":
-        existing = checkpointer.committed()
-        if existing:
-            raise ConfigError(f"checkpoint.resume=never but {config_lib.checkpoint_dir(cfg)} already holds {len(existing)} "
-                              f"committed checkpoints (newest {existing[-1]}); they would be overwritten: choose another "
-                              "checkpoint.dir, delete them, or use checkpoint.resume=auto")
-        return None
-    return resume
+def acquire_lease(cfg: Config, stop: StopFlag, world: int, rank: int, say: Any) -> Optional[Lease]:
+    """Rank 0 takes the checkpoint dir's lease (one job per dir); every rank learns the outcome, so
+    that all of them exit the same way when another job holds it."""
+    lease, error = None, None
+    if rank == 0 and cfg.checkpoint.lease_ttl_s > 0:
+        lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
+                      ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
+        try:
+            lease.acquire()
+        except TransientError as e:
+            error = e
+    _, failed = stop.agreed(world, fault=error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise TransientError("rank 0 could not take the checkpoint dir's lease (see its message)")
+    return lease
 
 
 def train(cfg: Config) -> int:
@@ -76,151 +89,201 @@ def train(cfg: Config) -> int:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     say(f"tinydist: {world} process(es), device {device.type}, precision {accelerator.mixed_precision}")
     stop = StopFlag(log=say)
+    lease: Optional[Lease] = None
+    checkpointer: Optional[Checkpointer] = None
+    runlog: Optional[RunLog] = None
+    progress: Optional[tqdm] = None
+    exit_code = EXIT_CRASH  # what the teardown reports if anything below raises
+    try:
+        # Data: decoded once per node, then memory-mapped by every rank.
+        train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples,
+                                accelerator.local_main_process_first, log=say)
+        val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples,
+                              accelerator.local_main_process_first, log=say)
+        num_classes = len(train_data.classes)
+        sampler = GlobalSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size, world,
+                                rank, cfg.train.seed)
+        accelerator.gradient_accumulation_steps = sampler.accumulation
+        total_steps = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
+        last_step = min(total_steps, cfg.train.max_steps or total_steps)
+        warmup_steps = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
+        say(f"data: {len(train_data)} train / {len(val_data)} val images, {num_classes} classes; global batch "
+            f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {world} processes x "
+            f"{sampler.accumulation} accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} "
+            "steps in all")
 
-    # Data: decoded once per node, then memory-mapped by every rank.
-    train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples,
-                            accelerator.local_main_process_first, log=say)
-    val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples,
-                          accelerator.local_main_process_first, log=say)
-    num_classes = len(train_data.classes)
-    sampler = GlobalSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size, world, rank,
-                            cfg.train.seed)
-    accelerator.gradient_accumulation_steps = sampler.accumulation
-    total_steps = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
-    last_step = min(total_steps, cfg.train.max_steps or total_steps)
-    warmup_steps = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
-    say(f"data: {len(train_data)} train / {len(val_data)} val images, {num_classes} classes; global batch "
-        f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {world} processes x {sampler.accumulation} "
-        f"accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} steps in all")
+        # Model, optimizer and schedule: a pure function of the config and seed.
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, num_classes)
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        bare_model = model  # torchvision keys, no DDP/compile wrapper: what checkpoints and eval use
+        optimizer = build_optimizer(cfg.optim, model)
+        schedule = build_schedule(cfg.optim, optimizer, total_steps, warmup_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)  # not the schedule: see optim.py
+        if cfg.model.compile and device.type == "cuda":
+            model = torch.compile(model)
 
-    # Model, optimizer and schedule: a pure function of the config and seed.
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, num_classes)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    bare_model = model  # torchvision keys, no DDP/compile wrapper: what checkpoints and eval use
-    optimizer = build_optimizer(cfg.optim, model)
-    schedule = build_schedule(cfg.optim, optimizer, total_steps, warmup_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # not the schedule: see optim.py
-    if cfg.model.compile and device.type == "cuda":
-        model = torch.compile(model)
+        # Resume: one job per checkpoint dir; tensors from safetensors shards, everything else from JSON.
+        lease = acquire_lease(cfg, stop, world, rank, say)
+        checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
+                                    max_shard_size=cfg.checkpoint.max_shard_size, rank=rank, world_size=world,
+                                    log=say, max_outage_s=cfg.checkpoint.max_outage_s, retry_s=cfg.checkpoint.retry_s,
+                                    lease=lease)
+        if lease is not None:  # we alone write here now: what earlier jobs left half-written can go
+            checkpointer.cleanup(everything_uncommitted=True)
+        accelerator.wait_for_everyone()
+        step, meta = 0, {}
+        path = resume_path(cfg, checkpointer)
+        if path is not None:
+            meta = checkpointer.load(path, bare_model, optimizer.optimizer)
+            step = check_resume_state(path, meta, cfg, schedule, len(train_data))
+            say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on "
+                f"{meta.get('device')})")
+        runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), step if path else None)
+        if accelerator.is_main_process:
+            output = Storage(cfg.train.output_dir)
+            retry_storage(lambda: output.write("config.yaml", config_lib.to_yaml(cfg).encode()),
+                          f"writing {output.show('config.yaml')}", max_outage_s=cfg.checkpoint.max_outage_s,
+                          retry_s=cfg.checkpoint.retry_s, log=say)
+        if path is not None:
+            runlog.event("resumed", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
+                         world_size=world, device=device.type)
 
-    # Resume: tensors from safetensors shards, everything else from JSON.
-    checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
-                                max_shard_size=cfg.checkpoint.max_shard_size, rank=rank, world_size=world, log=say)
-    step, meta = 0, {}
-    path = resume_path(cfg, checkpointer)
-    if path is not None:
-        meta = checkpointer.load(path, bare_model, optimizer.optimizer)
-        saved = meta["config"]["train"]
-        if saved["global_batch_size"] != cfg.train.global_batch_size or saved["seed"] != cfg.train.seed:
-            raise ConfigError(f"{path} was trained with train.global_batch_size={saved['global_batch_size']} and "
-                              f"train.seed={saved['seed']}; resuming needs the same values (or checkpoint.resume=never)")
-        schedule.load_state_dict(meta["schedule"])
-        step = meta["step"]
-        say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on {meta['device']})")
-    runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), step if path else None)
-    if accelerator.is_main_process:
-        with fsspec.open(f"{cfg.train.output_dir.rstrip('/')}/config.yaml", "w") as f:
-            f.write(config_lib.to_yaml(cfg))
-    if path is not None:
-        runlog.event("resumed", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
-                     world_size=world, device=device.type)
+        def sync_buffers() -> None:
+            # BN statistics are updated in each rank's forward and only broadcast by DDP at the next one:
+            # make every rank hold rank 0's before they are evaluated or each rank writes its shards.
+            if world > 1:
+                for buffer in bare_model.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
 
-    def sync_buffers() -> None:
-        # BN statistics are updated in each rank's forward and only broadcast by DDP at the next one:
-        # make every rank hold rank 0's before they are evaluated or each rank writes its shards.
-        if world > 1:
-            for buffer in bare_model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        def save(blocking: bool) -> None:
+            sync_buffers()
+            checkpointer.save(step, bare_model, optimizer.optimizer, {
+                "epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
+                "global_batch_size": cfg.train.global_batch_size, "device": device.type,
+                "schedule": schedule.state_dict(), "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id,
+            }, blocking=blocking)
 
-    def save(blocking: bool) -> None:
-        sync_buffers()
-        checkpointer.save(step, bare_model, optimizer.optimizer, {
-            "epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
-            "global_batch_size": cfg.train.global_batch_size, "device": device.type,
-            "schedule": schedule.state_dict(), "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id,
-        }, blocking=blocking)
+        def validate() -> None:
+            sync_buffers()
+            metrics = evaluate(bare_model, val_data, cfg.train.eval_batch_size, device, world, rank,
+                               lambda t: accelerator.reduce(t, "sum"), cfg.model.channels_last, accelerator.autocast)
+            runlog.log(metrics, step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
+            say(f"step {step} epoch {sampler.epoch_at(step):.2f}: val top-1 {metrics['val/top1']:.4f} "
+                f"top-5 {metrics['val/top5']:.4f} loss {metrics['val/loss']:.4f}")
 
-    def validate() -> None:
-        sync_buffers()
-        metrics = evaluate(bare_model, val_data, cfg.train.eval_batch_size, device, world, rank,
-                           lambda t: accelerator.reduce(t, "sum"), cfg.model.channels_last, accelerator.autocast)
-        runlog.log(metrics, step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
-        say(f"step {step} epoch {sampler.epoch_at(step):.2f}: val top-1 {metrics['val/top1']:.4f} "
-            f"top-5 {metrics['val/top5']:.4f} loss {metrics['val/loss']:.4f}")
+        # The loop: one optimizer step per iteration, `accumulation` micro-batches each.
+        model.train()
+        progress = tqdm(total=last_step, initial=step, desc="train",
+                        disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")),
+                        mininterval=1 if sys.stderr.isatty() else 30)  # batch logs: a line per 30 s, not per step
+        loss_sum = torch.zeros((), device=device)
+        window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
+        while step < last_step:
+            for micro in sampler.rank_micro_batches(step):
+                images, labels = to_device(train_data.gather(micro.indices), train_data.labels[micro.indices], device)
+                inputs = train_transform(images, cfg.train.seed, micro.epoch, micro.index, cfg.model.channels_last,
+                                         cfg.data.crop_scale, cfg.data.hflip)
+                track_bn_statistics(bare_model, micro.index % sampler.micro_batches_per_step == 0)  # see model.py
+                with accelerator.accumulate(model):
+                    logits = model(inputs)
+                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
+                    if step == 0 and micro.index == rank:  # first forward of a fresh run
+                        check_first_step(logits, loss.item(), num_classes)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            track_bn_statistics(bare_model, True)  # evaluation reads the running statistics
+            schedule.step()
+            step += 1
+            window_steps += 1
+            progress.update(1)
 
-    # The loop: one optimizer step per iteration, `accumulation` micro-batches each.
-    model.train()
-    progress = tqdm(total=last_step, initial=step, desc="train",
-                    disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")),
-                    mininterval=1 if sys.stderr.isatty() else 30)  # batch logs get a line per 30 s, not per step
-    loss_sum = torch.zeros((), device=device)
-    window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
-    while step < last_step:
-        for micro in sampler.rank_micro_batches(step):
-            images, labels = to_device(train_data.gather(micro.indices), train_data.labels[micro.indices], device)
-            inputs = train_transform(images, cfg.train.seed, micro.epoch, micro.index, cfg.model.channels_last,
-                                     cfg.data.crop_scale, cfg.data.hflip)
-            track_bn_statistics(bare_model, micro.index % sampler.micro_batches_per_step == 0)  # see model.py
-            with accelerator.accumulate(model):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
-                if step == 0 and micro.index == rank:  # first forward of a fresh run
-                    check_first_step(logits, loss.item(), num_classes)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        track_bn_statistics(bare_model, True)  # evaluation reads the running statistics
-        schedule.step()
-        step += 1
-        window_steps += 1
-        progress.update(1)
+            epoch_ended = math.floor(sampler.epoch_at(step)) > math.floor(sampler.epoch_at(step - 1))
+            stopping, storage_down = stop.agreed(world, fault=checkpointer.fault is not None)
+            if storage_down:  # saves have failed for checkpoint.max_outage_s: stop, relaunch later
+                raise checkpointer.fault or TransientError("a peer's checkpoint storage has been failing too long")
+            if step % cfg.log.every_steps == 0 or step == last_step or stopping:
+                loss_mean = accelerator.reduce(loss_sum, "mean").item() / (window_steps * sampler.accumulation)
+                rate = window_steps * cfg.train.global_batch_size / (time.perf_counter() - window_start)
+                lr = schedule.get_last_lr()[0]
+                runlog.log({"train/loss": loss_mean, "train/lr": lr, "train/images_per_s": rate},
+                           step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
+                progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                loss_sum.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if epoch_ended or step == last_step or (cfg.train.eval_every_steps
+                                                    and step % cfg.train.eval_every_steps == 0):
+                validate()
+            if stopping or step == last_step or epoch_ended or (cfg.checkpoint.every_steps
+                                                                  and step % cfg.checkpoint.every_steps == 0):
+                try:
+                    save(blocking=stopping or step == last_step)
+                except StorageFullError as e:
+                    if stopping:  # nothing saved to stop after: the launcher must back off, not hurry
+                        raise TransientError(f"stopping after {stop.signal_name}, but the checkpoint could not be "
+                                             f"saved ({e}); a relaunch resumes from the last commit") from e
+                    say(f"warning: the final checkpoint could not be saved ({e}); exporting the model anyway")
+                runlog.flush()
+            if stopping:
+                runlog.event("preempted", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
+                             signal=stop.signal_name)
+                say(f"stopped at step {step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
+                exit_code = EXIT_PREEMPTED
+                break
+        progress.close()
 
-        epoch_ended = math.floor(sampler.epoch_at(step)) > math.floor(sampler.epoch_at(step - 1))
-        stopping = stop.agreed(world)
-        if step % cfg.log.every_steps == 0 or step == last_step or stopping:
-            loss_mean = accelerator.reduce(loss_sum, "mean").item() / (window_steps * sampler.accumulation)
-            rate = window_steps * cfg.train.global_batch_size / (time.perf_counter() - window_start)
-            lr = schedule.get_last_lr()[0]
-            runlog.log({"train/loss": loss_mean, "train/lr": lr, "train/images_per_s": rate},
-                       step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
-            progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-        if epoch_ended or step == last_step or (cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0):
-            validate()
-        if stopping or step == last_step or epoch_ended or (cfg.checkpoint.every_steps
-                                                              and step % cfg.checkpoint.every_steps == 0):
-            save(blocking=stopping or step == last_step)
-            runlog.flush()
-        if stopping:
-            runlog.event("preempted", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
-                         signal=stop.signal_name)
-            say(f"stopped at step {step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
-            exit_code = EXIT_PREEMPTED
-            break
-    progress.close()
+        checkpointer.wait()
+        if exit_code == EXIT_OK and accelerator.is_main_process:
+            model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
+            retry_storage(lambda: export_model(bare_model, model_url, cfg.checkpoint.max_shard_size),
+                          f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
+                          retry_s=cfg.checkpoint.retry_s, log=say)
+            say(f"done: step {step}; model in {model_url}")
+        accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
+        runlog.finish(preempted=exit_code == EXIT_PREEMPTED)
+        runlog = None
+        return exit_code
+    finally:  # whatever escapes: handlers back, the save finished or abandoned, trackers and lease closed
+        stop.restore()
+        if progress is not None:
+            progress.close()
+        if checkpointer is not None:
+            checkpointer.close()
+        if runlog is not None:
+            try:
+                runlog.finish(preempted=False)
+            except Exception as e:  # noqa: BLE001 - the original error is the one to report
+                say(f"could not close the trackers cleanly: {type(e).__name__}: {e}")
+        if lease is not None:
+            lease.release()
 
-    checkpointer.wait()
-    if exit_code == EXIT_OK and accelerator.is_main_process:
-        export_model(bare_model, f"{cfg.train.output_dir.rstrip('/')}/model", cfg.checkpoint.max_shard_size)
-        say(f"done: step {step}; model in {cfg.train.output_dir.rstrip('/')}/model")
-    accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
-    runlog.finish(preempted=exit_code == EXIT_PREEMPTED)
-    stop.restore()
-    return exit_code
+
+def exit_code_for(error: Optional[BaseException]) -> int:
+    """The one place that maps what happened to the exit-code contract (see exitcodes.py)."""
+    if error is None:
+        return EXIT_OK
+    if isinstance(error, (ConfigError, CheckpointError, SoftmaxBeforeLossError)):
+        return EXIT_CONFIG  # bad config, data content, or checkpoint: no relaunch can fix it
+    if isinstance(error, TransientError):
+        return EXIT_TRANSIENT  # storage, network, hub, a peer, a lease: relaunch with backoff
+    return EXIT_CRASH  # a bug
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    code = 1  # what an uncaught exception exits with
+    code = EXIT_CRASH
     try:
         code = train(load_config(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, CheckpointError, SoftmaxBeforeLossError) as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
+    except Exception as e:  # noqa: BLE001 - every failure gets a code from the contract, not a default
+        code = exit_code_for(e)
+        if code == EXIT_CRASH:
+            traceback.print_exc()
+        elif os.environ.get("RANK", "0") == "0" or code == EXIT_TRANSIENT:  # the same on every rank: say it once
             print(f"error: {e}", file=sys.stderr)
-        code = EXIT_CONFIG
+        if code == EXIT_TRANSIENT:
+            print(f"exit {EXIT_TRANSIENT} (transient): a relaunch after a pause can succeed", file=sys.stderr)
     finally:
         record_exit_code(code)  # for `python -m tinydist.launch`: accelerate launch would say 1
     return code

@@ -1,0 +1,176 @@
+"""One job per checkpoint dir: a lease file with a heartbeat, on local disks and object stores alike.
+
+Two jobs writing the same checkpoint dir interleave their commits silently: the surviving
+checkpoint is one job's and the exported model the other's. So the first process of a job takes
+`{checkpoint.dir}/LEASE.json` (holder, host, pid, run, heartbeat) before it reads or writes a
+checkpoint, beats it from a thread, and gives it back when it exits.
+
+Telling a live holder from a dead one, quickly, so a relaunch on a new VM never waits long:
+- same machine (same boot and pid namespace): the holder's pid alive or not decides at once;
+- another machine: a heartbeat older than 3 x ttl by our clock is dead at once; otherwise we watch
+  the lease for up to `ttl_s`: a holder that beats (every ttl/3) is alive, one that does not is gone.
+Object stores have no portable compare-and-swap, so a takeover is write-then-read-back: of two
+jobs racing for a stale lease, the one whose write landed last wins and the other sees it and
+stops. A holder whose heartbeat finds someone else's lease stops committing (`check`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from tinydist.exitcodes import TransientError
+from tinydist.storage import Storage, StorageError
+
+LEASE = "LEASE.json"
+
+
+class LeaseHeldError(TransientError):
+    """Another live job holds the checkpoint dir. Transient: when that job ends (or dies), a relaunch
+    takes over; until then nothing this job could write would be safe."""
+
+
+def _machine() -> str:
+    """Which pids we can check: a pid means something only within one boot and one pid namespace."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("?")
+    return "/".join(parts)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True
+
+
+class Lease:
+    def __init__(self, storage: Storage, run: str, ttl_s: float = 30.0, log: Callable[[str], None] = print,
+                 settle_s: float = 0.5) -> None:
+        self.storage, self.run, self.ttl_s, self.log, self.settle_s = storage, run, ttl_s, log, settle_s
+        self.token = secrets.token_hex(8)
+        self.beat = 0
+        self.held = False
+        self.lost: Optional[str] = None  # set by the heartbeat when another job took the lease
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _read(self) -> Optional[dict]:
+        try:
+            data = json.loads(self.storage.read(LEASE))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # garbage is nobody's lease
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self) -> None:
+        self.beat += 1
+        now = time.time()
+        self.storage.write(LEASE, json.dumps({
+            "holder": self.token, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
+            "run": self.run, "beat": self.beat, "heartbeat_unix": now,
+            "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        }, indent=1).encode())
+
+    @staticmethod
+    def describe(lease: dict) -> str:
+        return (f"run {lease.get('run')!r} (pid {lease.get('pid')} on {lease.get('host')}, "
+                f"last heartbeat {lease.get('heartbeat')})")
+
+    def _holder_alive(self, lease: dict) -> bool:
+        if not lease.get("holder") or lease.get("holder") == self.token:
+            return False
+        if lease.get("machine") == _machine():
+            return _alive(lease.get("pid"))
+        age = time.time() - float(lease.get("heartbeat_unix") or 0)
+        if age > 3 * self.ttl_s:
+            return False
+        deadline = time.monotonic() + self.ttl_s
+        while time.monotonic() < deadline:  # bounded: one ttl at most
+            time.sleep(min(1.0, self.ttl_s / 10))
+            now = self._read()
+            if now != lease:
+                return bool(now and now.get("holder"))  # it beat, or someone else took it
+        return False
+
+    def acquire(self) -> None:
+        """Take the lease or raise LeaseHeldError naming the live holder; then keep it beating."""
+        current = self._read()
+        if current and self._holder_alive(current):
+            raise LeaseHeldError(
+                f"checkpoint dir {self.storage.url} is in use by {self.describe(current)}; two jobs there would "
+                f"overwrite each other's checkpoints. Wait for it to end, stop it, or give this job another "
+                f"checkpoint.dir (a lease whose holder is gone is taken over within {self.ttl_s:g} s)")
+        if current:
+            self.log(f"taking over the lease on {self.storage.url} from {self.describe(current)}: its holder is gone")
+        self._write()
+        time.sleep(self.settle_s)  # a racer that read the same stale lease writes within this window
+        now = self._read()
+        if not now or now.get("holder") != self.token:
+            raise LeaseHeldError(f"checkpoint dir {self.storage.url} was just taken by "
+                                 f"{self.describe(now or {})}; expected one job per checkpoint.dir")
+        self.held = True
+        self._thread = threading.Thread(target=self._heartbeat, name="tinydist-lease", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        failing = False
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                now = self._read()
+                if now and now.get("holder") not in (None, self.token):
+                    self.lost = self.describe(now)
+                    self.log(f"lease on {self.storage.url} was taken by {self.lost}; this job commits no more "
+                             "checkpoints there")
+                    return
+                self._write()
+                if failing:
+                    self.log(f"lease on {self.storage.url}: heartbeat written again")
+                failing = False
+            except StorageError as e:  # an outage: the checkpoint saves report it; say it once here
+                if not failing:
+                    self.log(f"lease heartbeat failed ({e}); retrying")
+                failing = True
+
+    def check(self) -> None:
+        """Before a commit: still ours? Raises LeaseHeldError if another job took over."""
+        if not self.held:
+            return
+        if self.lost is None:
+            now = self._read()
+            if now and now.get("holder") not in (None, self.token):
+                self.lost = self.describe(now)
+        if self.lost is not None:
+            raise LeaseHeldError(f"checkpoint dir {self.storage.url} was taken over by {self.lost}; "
+                                 "this job stops without committing (expected one job per checkpoint.dir)")
+
+    def release(self) -> None:
+        """Stop beating and remove the lease if it is still ours; never raises (it runs on the way out)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self.ttl_s))
+        if not self.held:
+            return
+        self.held = False
+        try:
+            now = self._read()
+            if now is not None and now.get("holder") == self.token:
+                self.storage.remove(LEASE)
+        except StorageError as e:
+            self.log(f"could not release the lease on {self.storage.url} ({e}); the next job takes it over "
+                     f"once it is {self.ttl_s:g} s stale")

@@ -1,0 +1,161 @@
+"""Files under one folder URL (local path, file://, s3://, gs://), with storage faults made explicit.
+
+Everything the checkpoint code does to storage goes through `Storage`, so that what a fault *is*
+is decided in one place: a missing file is `FileNotFoundError` (an answer, not a fault); a full
+disk or quota is `StorageFullError`; anything else the backend raises while talking to the disk
+or the network (connection refused, timeouts, 5xx, expired credentials) is `StorageError`, a
+`TransientError`: the run rides it out or stops with the transient exit code, never with "bad
+config". fsspec backends raise their own exception types (botocore's are not even OSErrors), so
+the boundary catches broadly and lets only programming errors through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import threading
+from typing import Any, Iterator, Optional
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from tinydist.exitcodes import TransientError, one_line
+
+TMP_TAG = ".tmp-"  # local writes go to `{name}.tmp-{pid}-{thread}` first; strays are removed by cleanup
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_BUGS = (TypeError, AttributeError, NameError, AssertionError, KeyError, IndexError)  # ours, not storage's
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageError(TransientError):
+    """Storage unreachable or failing right now; a later attempt (or relaunch) may succeed."""
+
+
+class StorageFullError(StorageError):
+    """No space left (or quota exceeded) where a file was being written."""
+
+
+def parse_size(size: str | int) -> int:
+    """'500KB', '10MB', '2GB', '1GiB' or a positive int -> bytes (KB/MB/GB are powers of 10, like the HF hub)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size > 0:
+            return size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
+        if m and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    raise ValueError(f"max_shard_size {size!r} is not a size; expected bytes > 0 or e.g. '500KB', '10MB', '2GB'")
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class Storage:
+    """One folder: atomic whole-file writes, reads, listings and removals, faults classified."""
+
+    def __init__(self, url: str, storage_options: Optional[dict[str, Any]] = None) -> None:
+        self.url = url.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def show(self, name: str = "") -> str:
+        """The URL a user would recognise, for messages."""
+        return f"{self.url}/{name}" if name else self.url
+
+    @contextlib.contextmanager
+    def faults(self, what: str) -> Iterator[None]:
+        """Turn whatever the backend raises into FileNotFoundError, StorageFullError or StorageError."""
+        try:
+            yield
+        except (FileNotFoundError, StorageError):
+            raise
+        except _BUGS:
+            raise
+        except OSError as e:
+            if e.errno in _FULL:
+                raise StorageFullError(f"{what}: no space left on device ({e.strerror or e})") from e
+            raise StorageError(f"{what}: {type(e).__name__}: {one_line(e)[:300]}") from e
+        except Exception as e:  # noqa: BLE001 - any backend's network/service error (botocore, gcsfs, ...)
+            raise StorageError(f"{what}: {type(e).__name__}: {one_line(e)[:300]}") from e
+
+    # ---- reading ---------------------------------------------------------------------------------------
+    def read(self, name: str) -> bytes:
+        with self.faults(f"reading {self.show(name)}"):
+            return self.fs.cat_file(self.path(name))
+
+    def exists(self, name: str) -> bool:
+        with self.faults(f"looking for {self.show(name)}"):
+            self.fs.invalidate_cache(self.path(name))
+            return self.fs.exists(self.path(name))
+
+    def sizes(self, name: str = "") -> dict[str, int]:
+        """{entry name: size} of a folder (sub-folders too, size 0); {} if it does not exist.
+        Listings are never cached: other ranks and processes write here."""
+        with self.faults(f"listing {self.show(name)}"):
+            self.fs.invalidate_cache(self.path(name))
+            try:
+                entries = self.fs.ls(self.path(name), detail=True)
+            except FileNotFoundError:
+                return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries}
+
+    def free_bytes(self) -> Optional[int]:
+        """Free space where local files go; None on object stores (no such thing)."""
+        if not self.local:
+            return None
+        path = self.root
+        while path and not os.path.exists(path):
+            path = os.path.dirname(path)
+        try:
+            return shutil.disk_usage(path or "/").free
+        except OSError:
+            return None
+
+    # ---- writing ---------------------------------------------------------------------------------------
+    def makedirs(self, name: str) -> None:
+        if self.local:
+            with self.faults(f"creating {self.show(name)}"):
+                self.fs.makedirs(self.path(name), exist_ok=True)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write one file whole: temp + fsync + atomic rename locally (a failed write leaves nothing),
+        a single put on object stores (atomic there by nature)."""
+        with self.faults(f"writing {self.show(name)}"):
+            if not self.local:
+                self.fs.pipe_file(self.path(name), data)
+                return
+            path = self.path(name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}{TMP_TAG}{os.getpid()}-{threading.get_ident()}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:  # the rename itself must survive a power cut before a marker can claim it
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def remove(self, name: str, recursive: bool = False) -> None:
+        """Remove a file (or a folder with recursive=True); already gone is fine."""
+        with self.faults(f"removing {self.show(name)}"):
+            try:
+                self.fs.rm(self.path(name), recursive=recursive)
+            except FileNotFoundError:
+                pass
