@@ -5,8 +5,8 @@
 #   replaces this shell (exec) with
 #     $PYTHON -m tinydist.launch ACCELERATE_FLAGS $ACCELERATE_ARGS $TRAIN_SCRIPT TRAIN_ARGS
 #   in the repository root, so the script's exit code is the training program's own:
-#     0 finished | 75 saved and stopped (relaunch) | 2 configuration error (never relaunch)
-#     | anything else: crash
+#     0 finished | 75 saved and stopped (relaunch) | 69 transient (relaunch with backoff)
+#     | 2 configuration error (never relaunch) | anything else: crash
 #   tinydist.launch is `accelerate launch` (same flags) that keeps those codes (accelerate alone
 #   turns every failure into 1), forwards TERM/INT/USR1 to the training processes and outlives
 #   them; see tinydist/launch.py. It never returns: call it last.

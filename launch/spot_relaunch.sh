@@ -14,7 +14,10 @@
 #   BACKOFF_S        wait after the first crash (default 30), doubled after each further crash up
 #                    to MAX_BACKOFF_S (default 600); an exit 75 resets it
 #   PREEMPT_DELAY_S  wait after an exit 75 before relaunching (default 1)
-# Exit codes:
+# Exit codes of the training (tinydist/exitcodes.py) and what this loop does with them:
+#   75 saved and stopped: relaunch after PREEMPT_DELAY_S; 69 transient (storage, network, hub, a lost
+#   peer, a live lease on the checkpoint dir) and crashes: relaunch with backoff; 2: stop.
+# Exit codes of this script:
 #   0  training finished
 #   2  configuration error: never relaunched (also: bad settings of this script)
 #   otherwise the last launch's code: after MAX_ATTEMPTS launches, or when this loop itself got
@@ -95,6 +98,11 @@ for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
 	75)
 		delay=$PREEMPT_DELAY_S
 		backoff=$((BACKOFF_S < MAX_BACKOFF_S ? BACKOFF_S : MAX_BACKOFF_S)) # it saved: progress
+		;;
+	69)
+		log "transient failure (69): storage, network, hub or a peer unavailable"
+		delay=$backoff
+		backoff=$((backoff * 2 < MAX_BACKOFF_S ? backoff * 2 : MAX_BACKOFF_S))
 		;;
 	*)
 		delay=$backoff

@@ -350,7 +350,8 @@ def test_launcher_code_is_the_script_code(fakes, tmp_path, code):
 @pytest.mark.parametrize("codes,fallback,expected", [
     ([75, 75], 1, 75), ([0, 0], 0, 0), ([2, 75], 1, 2), ([75, 2, 3], 1, 2), ([75, 3], 1, 3),
     ([3, 75, 4], 1, 3), ([75, 0], 1, 75), ([0, 1], 1, 1),
-    ([], 137, 137), ([], 0, 0), ([0, 0], 143, 143), ([75], 143, 75)])
+    ([], 137, 137), ([], 0, 0), ([0, 0], 143, 143), ([75], 143, 75),
+    ([69, 75], 1, 69), ([69, 1], 1, 1), ([2, 69], 1, 2), ([69, 0], 0, 69)])
 def test_group_exit_code(codes, fallback, expected):
     """A config error on any rank wins (never relaunch), then a crash, then 75 (saved and stopped);
     with no such code recorded, the launcher's own code."""
@@ -411,6 +412,12 @@ def test_spot_crash_loop_is_bounded(tmp_path):
     assert sleeps == [5, 8, 8]  # doubling, capped; no sleep after the last launch
 
 
+def test_spot_transient_relaunches_with_backoff(tmp_path):
+    r, launches, sleeps = spot(tmp_path, "69,69,0", BACKOFF_S=5, MAX_BACKOFF_S=100)
+    assert (r.returncode, launches, sleeps) == (0, 3, [5, 10])
+    assert r.stderr.count("transient failure (69)") == 2
+
+
 def test_spot_preemption_relaunches_fast_and_resets_backoff(tmp_path):
     r, launches, sleeps = spot(tmp_path, "1,1,75,1,0", BACKOFF_S=5, MAX_BACKOFF_S=100,
                                PREEMPT_DELAY_S=1)
@@ -448,7 +455,7 @@ def sbatch(fakes, tmp_path, args=(), **env):
                      "TINYDIST_LAUNCH": fakes["launch"], "FAKE_LOG": fakes["log"],
                      "FAKE_SRUN_LOG": fakes["srun_log"], "FAKE_SCONTROL_LOG": fakes["scontrol_log"],
                      "SLURM_JOB_ID": 4242, "SLURM_NNODES": 2, "SLURM_JOB_NODELIST": "node[01-02]",
-                     "SLURM_GPUS_PER_NODE": "a100:8", "SLURM_SUBMIT_DIR": ROOT, **env})
+                     "SLURM_GPUS_PER_NODE": "a100:8", "SLURM_SUBMIT_DIR": ROOT, "SLEEP": "true", **env})
     r = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *args], env=e, cwd=tmp_path,
                        timeout=TIMEOUT, capture_output=True, text=True)
     requeues = fakes["scontrol_log"].read_text().splitlines() if fakes["scontrol_log"].exists() else []
@@ -461,11 +468,23 @@ def sbatch(fakes, tmp_path, args=(), **env):
     ({"FAKE_RC": 1}, 1, []),
     ({"FAKE_RC": 2}, 2, []),
     ({"FAKE_RC": 3}, 3, []),
+    ({"FAKE_RC": 69}, 0, ["requeue 4242"]),
+    ({"FAKE_RC": 69, "SLURM_RESTART_COUNT": 20}, 69, []),
 ])
-def test_sbatch_requeues_only_on_75(fakes, tmp_path, env, code, requeues):
+def test_sbatch_requeues_only_on_75_and_69(fakes, tmp_path, env, code, requeues):
     r, got = sbatch(fakes, tmp_path, **env)
     assert r.returncode == code, r.stderr
     assert got == requeues
+
+
+def test_sbatch_transient_requeue_waits_longer_each_restart(fakes, tmp_path):
+    pauses = []
+    for restarts in (0, 1, 5):
+        r, _ = sbatch(fakes, tmp_path, FAKE_RC=69, SLURM_RESTART_COUNT=restarts, SLEEP="echo",
+                      TRANSIENT_BACKOFF_S=60, MAX_BACKOFF_S=900)
+        assert r.returncode == 0, r.stderr
+        pauses.append(int(r.stdout.split()[-1]))  # what the job really slept: `$SLEEP SECONDS`
+    assert pauses == [60, 120, 900]
 
 
 def test_sbatch_failed_requeue_exits_75(fakes, tmp_path):
