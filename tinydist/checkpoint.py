@@ -203,7 +203,8 @@ class Checkpointer:
                 return
             except StorageFullError as e:
                 attempt.undo()
-                self._full_disk(name, model, optim, e)
+                self.last_error = e
+                self._full_disk(name, model, optim, final)
                 if final:
                     inflight.error = e
                 return
@@ -232,14 +233,13 @@ class Checkpointer:
                 inflight.error = self.last_error = e
                 return
 
-    def _full_disk(self, name: str, model: dict, optim: dict, error: StorageFullError) -> None:
-        self.last_error = error
+    def _full_disk(self, name: str, model: dict, optim: dict, final: bool) -> None:
         needed = sum(t.numel() * t.element_size() for t in (*model.values(), *optim.values()))
         free = self.storage.free_bytes()
         self.log(f"warning: checkpoint {self.storage.show(name)} not saved: no space left on device "
                  f"(needs about {megabytes(needed)} per checkpoint, "
                  f"{megabytes(free) + ' free' if free is not None else 'free space unknown'}); "
-                 f"what it wrote is removed; training goes on and the next save tries again")
+                 "what it wrote is removed" + ("" if final else "; training goes on and the next save tries again"))
 
     def _write_and_commit(self, attempt: _Attempt, name: str, model: dict, optim: dict, state: dict,
                           cancel: threading.Event) -> None:

@@ -3,8 +3,9 @@
 A source is opened as a `datasets.Dataset` per split with an image and a label column. Its images
 are decoded once, to RGB uint8 at `data.image_size`, by a parallel `Dataset.map` into Arrow files
 under `data.cache_dir`, named by a fingerprint of (source data, split, size, subset) so that any
-change rebuilds. Training reads those files memory-mapped through a zero-copy uint8 view: the
-formatted `ds[indices]` path returns int64 copies at ~10k images/s, the view serves ~900k/s.
+change rebuilds. Every open checks the files against what their build recorded and rebuilds a
+damaged cache (datacache.py). Training reads those files memory-mapped through a zero-copy uint8
+view: the formatted `ds[indices]` path returns int64 copies at ~10k images/s, the view ~900k/s.
 
 Labels are always the index of the class name (WordNet id) in sorted order, whatever the source.
 An image that cannot be decoded fails the cache build with its index and source: skipping it would
@@ -22,13 +23,17 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
+from tinydist import datacache
 from tinydist.config import ConfigError, DataConfig
+from tinydist.datacache import CacheMismatch
+from tinydist.exitcodes import EXIT_CONFIG, EXIT_TRANSIENT, TransientError
 
 CACHE_FORMAT = 1  # bump when the decoded layout changes, so old caches are rebuilt
 SPLIT_ALIASES = (("valid", "validation", "val"), ("train",), ("test",))
@@ -105,10 +110,46 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
                         "a hub id like zh-plus/tiny-imagenet, or `digits`")
     try:
         return "hub", dict(datasets.load_dataset(source))
-    except (OSError, ValueError, RuntimeError) as e:  # offline, DNS, 404, gated: all say the same to the user
-        raise DataError(f"cannot load `{source}` from the Hugging Face hub ({type(e).__name__}: {_first_line(e)}); "
-                        "download it where the hub is reachable (datasets' save_to_disk, the parquet files, or "
-                        "tiny-imagenet-200.zip unpacked) and set data.source to that folder") from None
+    except Exception as e:  # sorted below; what is neither a network nor a data problem (a bug) is re-raised
+        # Two different answers, two exit codes: the hub not reached at all (offline, DNS, timeouts,
+        # 5xx, HF_HUB_OFFLINE=1 with nothing cached) may work on a relaunch: 69. The hub answering
+        # "no" (no such repository, gated, not a dataset, no data files) never will: 2. Offline,
+        # a repository that does not exist cannot be told from one that does: that is transient too.
+        hint = ("download it where the hub is reachable (datasets' save_to_disk, the parquet files, or "
+                "tiny-imagenet-200.zip unpacked) and set data.source to that folder")
+        if _hub_unreachable(e):
+            raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({type(e).__name__}: "
+                                 f"{_first_line(e)}); {hint}, or try offline with --config configs/smoke.yaml") from None
+        if isinstance(e, (OSError, ValueError, RuntimeError)):
+            raise DataError(f"cannot load `{source}` from the Hugging Face hub ({type(e).__name__}: "
+                            f"{_first_line(e)}); {hint}") from None
+        raise
+
+
+# How the HTTP clients under huggingface_hub / datasets / fsspec say "not reached" (connect errors,
+# timeouts); which client a version uses varies (httpx, httpx2, requests), and one in use is imported.
+_NETWORK_ERRORS = (("httpx", "TransportError"), ("httpx2", "TransportError"), ("requests", "ConnectionError"),
+                   ("requests", "Timeout"), ("aiohttp", "ClientConnectionError"))
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether `error`, or what it was raised from, says the hub was not reached (as opposed to answering no)."""
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+    if isinstance(error, (DatasetNotFoundError, DataFilesNotFoundError)):  # no such repo or revision, gated, no data
+        return False
+    # datasets re-raises offline mode and connect errors as the builtin ConnectionError
+    network: tuple[type, ...] = (ConnectionError, TimeoutError)
+    network += tuple(getattr(sys.modules[m], name) for m, name in _NETWORK_ERRORS
+                     if m in sys.modules and isinstance(getattr(sys.modules[m], name, None), type))
+    seen: list[BaseException] = []
+    while error is not None and len(seen) < 16 and all(error is not e for e in seen):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if isinstance(error, network) or status in (429, 500, 502, 503, 504):  # 429/5xx: the hub is down or busy
+            return True
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _first_line(e: BaseException) -> str:
@@ -207,13 +248,12 @@ def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
 class ImageCache:
     """Decoded images of one split, memory-mapped: `gather(indices)` -> (B, S, S, 3) uint8."""
 
-    def __init__(self, folder: str, meta: dict[str, Any]):
-        import datasets
-
+    def __init__(self, folder: str, meta: dict[str, Any], tables: Optional[list[Any]] = None):
         self.folder, self.meta = folder, meta
         self.classes: list[str] = meta["classes"]
         self.image_size: int = meta["image_size"]
-        tables = [datasets.Dataset.from_file(os.path.join(folder, f)).data.table for f in meta["files"]]
+        if tables is None:
+            tables = [_open_table(os.path.join(folder, f)) for f in meta["files"]]
         side = self.image_size
         # One zero-copy view per Arrow chunk: no copy of the data, no int64 detour.
         self._chunks = [chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, side, side, 3)
@@ -242,16 +282,57 @@ def cache_fingerprint(src: Source, image_size: int, max_samples: Optional[int]) 
 
 def load_split(cfg: DataConfig, split: str, max_samples: Optional[int] = None,
                main_process_first: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-               log: Callable[[str], None] = print) -> ImageCache:
-    """Open, decode once (the first process of a node builds; the others wait, then read) and map."""
+               log: Callable[[str], None] = print, local_main: Optional[bool] = None) -> ImageCache:
+    """Open, decode once and map. The local main process verifies the cache (datacache.py) and builds
+    or rebuilds it while the others wait in `main_process_first`; they then verify it and read.
+
+    `local_main` says whether this process is the one that may (re)build; by default it is asked of
+    the owner of `main_process_first` (Accelerate's `local_main_process_first`), else True."""
     src = open_source(cfg.source, split)
     folder = os.path.join(os.path.expanduser(cfg.cache_dir),
                           f"{_slug(cfg.source)}-{src.split}-{cfg.image_size}px-{cache_fingerprint(src, cfg.image_size, max_samples)}")
+    if local_main is None:
+        local_main = bool(getattr(getattr(main_process_first, "__self__", None), "is_local_main_process", True))
     with main_process_first():
-        if not os.path.isfile(os.path.join(folder, "cache.json")):
-            _build_cache(src, cfg, folder, max_samples, log)
-    with open(os.path.join(folder, "cache.json")) as f:
-        return ImageCache(folder, json.load(f))
+        if local_main:
+            return _open_or_build(src, cfg, folder, max_samples, log)
+    # Only the local main process may remove or rebuild: ranks that each rebuilt what they found
+    # damaged would delete the files their neighbours are reading.
+    try:
+        return _open_verified(folder)
+    except CacheMismatch as e:
+        raise DataError(f"decode cache {folder} is damaged ({e}) although the local main process had just verified "
+                        "it; is data.cache_dir shared with a job that rewrites it?") from None
+
+
+def _open_or_build(src: Source, cfg: DataConfig, folder: str, max_samples: Optional[int],
+                   log: Callable[[str], None]) -> ImageCache:
+    if os.path.lexists(folder):
+        try:
+            return _open_verified(folder)
+        except CacheMismatch as e:
+            log(f"decode cache {folder} is damaged ({e}); rebuilding it")
+            datacache.discard(folder)
+    _build_cache(src, cfg, folder, max_samples, log)
+    try:
+        return _open_verified(folder)
+    except CacheMismatch as e:  # once: a cache that is damaged as soon as it is written will be again
+        raise DataError(f"decode cache {folder} is damaged right after it was built ({e}); "
+                        "check the disk or filesystem of data.cache_dir") from None
+
+
+def _open_verified(folder: str) -> ImageCache:
+    meta, tables = datacache.check(folder, CACHE_FORMAT, _open_table)
+    try:
+        return ImageCache(folder, meta, tables)
+    except ValueError as e:  # pyarrow's ArrowInvalid: e.g. nulls among the pixels, no zero-copy view
+        raise CacheMismatch(f"pixels cannot be mapped: {_first_line(e)}") from None
+
+
+def _open_table(path: str) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_file(path).data.table  # memory-mapped
 
 
 def _slug(source: str) -> str:
@@ -281,33 +362,44 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
                                   "label": datasets.Value("int64"), "gray": datasets.Value("bool")})
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, 16)
     num_proc = max(1, min(num_proc, len(ds) // 1000 or 1))  # process start-up dominates small splits
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
+    datacache.remove_stale_temps(folder, log)
+    # The folder appears complete or not at all: a process killed mid-build leaves only this temp
+    # folder, which the next build sweeps. One with our own name is stale too: containers restart
+    # with the same pids, and this process builds one folder at a time.
+    tmp = datacache.temp_folder(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     log(f"decoding {len(ds)} images of {src.name} [{src.split}] to {side}x{side} uint8 in {folder} ({num_proc} processes)")
-    decoded = ds.map(_decode_batch, batched=True, batch_size=256, with_indices=True, num_proc=num_proc,
-                     remove_columns=ds.column_names, features=features,
-                     fn_kwargs={"side": side, "remap": remap, "origin": f"{src.name} [{src.split}]"},
-                     cache_file_name=os.path.join(tmp, "decoded.arrow"), load_from_cache_file=False,
-                     desc=f"decode {src.split}")
+    with datacache.forks_detached():  # pool workers and the map's Manager: see datacache.py
+        decoded = ds.map(_decode_batch, batched=True, batch_size=256, with_indices=True, num_proc=num_proc,
+                         remove_columns=ds.column_names, features=features,
+                         fn_kwargs={"side": side, "remap": remap, "origin": f"{src.name} [{src.split}]",
+                                    "builder": os.getpid()},
+                         cache_file_name=os.path.join(tmp, "decoded.arrow"), load_from_cache_file=False,
+                         desc=f"decode {src.split}")
     files = sorted(os.path.basename(f["filename"]) for f in decoded.cache_files)
-    meta = {"format": CACHE_FORMAT, "source": src.name, "kind": src.kind, "split": src.split, "rows": len(decoded),
-            "image_size": side, "classes": classes, "grayscale": int(np.sum(decoded.data.table.column("gray"))),
-            "files": files, "max_samples": max_samples}
+    del decoded
+    # What cache.json records is read back from the files, as an open will read them.
+    tables = {name: _open_table(os.path.join(tmp, name)) for name in files}
+    meta = {"format": CACHE_FORMAT, "source": src.name, "kind": src.kind, "split": src.split,
+            "rows": sum(t.num_rows for t in tables.values()), "image_size": side, "classes": classes,
+            "grayscale": int(sum(np.sum(t.column("gray")) for t in tables.values())), "files": files,
+            "max_samples": max_samples,
+            "arrow": {name: datacache.file_record(os.path.join(tmp, name), t) for name, t in tables.items()}}
+    del tables
     with open(os.path.join(tmp, "cache.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    del decoded
-    # The folder appears complete or not at all: a process killed mid-build leaves only a .tmp folder.
     try:
         os.rename(tmp, folder)
     except OSError:  # another node sharing this filesystem finished first; its copy is as good
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _decode_batch(batch: dict[str, list], indices: list[int], side: int, remap: np.ndarray,
-                  origin: str) -> dict[str, Any]:
+                  origin: str, builder: int) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
+    datacache.detach_worker(builder)
     pixels = np.empty((len(indices), side * side * 3), np.uint8)
     gray = []
     for row, (image, index) in enumerate(zip(batch["image"], indices)):
@@ -355,7 +447,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = describe(cfg.data)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except TransientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TRANSIENT
     if as_json:
         print(json.dumps(info))
         return 0

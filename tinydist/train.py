@@ -96,10 +96,20 @@ def train(cfg: Config) -> int:
     exit_code = EXIT_CRASH  # what the teardown reports if anything below raises
     try:
         # Data: decoded once per node, then memory-mapped by every rank.
-        train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples,
-                                accelerator.local_main_process_first, log=say)
-        val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples,
-                              accelerator.local_main_process_first, log=say)
+        try:
+            train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples,
+                                    accelerator.local_main_process_first, log=say)
+            val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples,
+                                  accelerator.local_main_process_first, log=say)
+        except RuntimeError as e:
+            if not stop.requested:
+                raise
+            # A signal to the whole process group (a relaunch loop, srun) also ends the cache build's
+            # workers, which datasets reports as an error. Nothing was trained: nothing is lost.
+            say(f"{stop.signal_name} during the decode-cache build ({type(e).__name__}); stopped before "
+                f"training, nothing to save: exit {EXIT_PREEMPTED}")
+            exit_code = EXIT_PREEMPTED
+            return exit_code
         num_classes = len(train_data.classes)
         sampler = GlobalSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size, world,
                                 rank, cfg.train.seed)
@@ -225,7 +235,7 @@ def train(cfg: Config) -> int:
                     if stopping:  # nothing saved to stop after: the launcher must back off, not hurry
                         raise TransientError(f"stopping after {stop.signal_name}, but the checkpoint could not be "
                                              f"saved ({e}); a relaunch resumes from the last commit") from e
-                    say(f"warning: the final checkpoint could not be saved ({e}); exporting the model anyway")
+                    say("warning: no final checkpoint (the disk is full, see above); exporting the model anyway")
                 runlog.flush()
             if stopping:
                 runlog.event("preempted", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
