@@ -311,7 +311,8 @@ class Checkpointer:
             if len(found) == len(wanted):
                 return list(found.values())
             if time.monotonic() > deadline:
-                error = CheckpointError(
+                # A rank that never wrote its part is a lost peer, not a bad checkpoint: transient.
+                error = TransientError(
                     f"checkpoint {self.storage.show(name)}: part files {sorted(set(wanted) - set(found))} did not "
                     f"appear within {self.commit_timeout_s:g} s; not committed (expected every rank to save this step)")
                 self.log(str(error))

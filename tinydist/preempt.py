@@ -22,9 +22,14 @@ class StopFlag:
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """Ask for a stop at the next step boundary, as a signal does (e.g. a cloud's preemption notice,
+        from a watcher thread). The first reason wins; later ones change nothing."""
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            self._log(f"{self.signal_name} received: stopping at the next step boundary, after a checkpoint")
+            self.signal_name = reason
+            self._log(f"{reason} received: stopping at the next step boundary, after a checkpoint")
 
     @property
     def requested(self) -> bool:
