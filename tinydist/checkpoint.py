@@ -34,6 +34,7 @@ from tinydist import ckpt_format as fmt
 from tinydist.ckpt_format import MARKER, STATE, CheckpointError, step_folder
 from tinydist.exitcodes import TransientError
 from tinydist.lease import Lease
+from tinydist.peers import Peers
 from tinydist.storage import TMP_TAG, Storage, StorageError, StorageFullError, megabytes, parse_size
 
 DEFAULT_MAX_SHARD_SIZE = "10MB"
@@ -51,6 +52,7 @@ class _InFlight:
         self.thread: Optional[threading.Thread] = None
         self.cancel = threading.Event()  # superseded, or the run is on its way out
         self.retrying = threading.Event()  # failed once already and waiting to retry
+        self.written = threading.Event()  # this rank's files and part file are in storage (or it gave up)
         self.error: Optional[BaseException] = None  # for wait() to raise
 
 
@@ -91,7 +93,7 @@ class Checkpointer:
                  rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
                  commit_timeout_s: float = 1800.0, storage_options: Optional[dict[str, Any]] = None,
                  max_outage_s: float = 1800.0, retry_s: float = 2.0, max_retry_s: float = 60.0,
-                 lease: Optional[Lease] = None) -> None:
+                 lease: Optional[Lease] = None, peers: Optional[Peers] = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}; expected at least 1")
         if not 0 <= rank < world_size:
@@ -101,6 +103,7 @@ class Checkpointer:
         self.keep_last, self.max_shard_size = keep_last, parse_size(max_shard_size)
         self.rank, self.world_size, self.log, self.commit_timeout_s = rank, world_size, log, commit_timeout_s
         self.max_outage_s, self.retry_s, self.max_retry_s, self.lease = max_outage_s, retry_s, max_retry_s, lease
+        self.peers = peers
         self.fault: Optional[BaseException] = None  # set when the run should stop (outage too long)
         self.last_error: Optional[BaseException] = None  # the last save's failure, if it failed
         self._failing_since: Optional[float] = None  # first failure since the last good save
@@ -156,6 +159,11 @@ class Checkpointer:
                                            name=f"tinydist-checkpoint-{name}", daemon=True)
         inflight.thread.start()
         if blocking:
+            if self.peers is not None and self.world_size > 1:
+                # Liveness before the commit: rank 0 would otherwise wait the whole commit timeout for
+                # the part file of a peer that died mid-save; the barrier names it at once.
+                inflight.written.wait()
+                self.peers.barrier(f"saving {name}")
             self.wait()
 
     def _supersede_or_wait(self) -> None:
@@ -179,23 +187,33 @@ class Checkpointer:
             if inflight.error is not None:
                 raise inflight.error
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """On the way out after an error: stop retrying, give a healthy save up to `timeout_s`. Never raises."""
+    def close(self, timeout_s: float = 60.0, abandon: bool = False) -> None:
+        """On the way out after an error: stop retrying, give a healthy save up to `timeout_s` (none at
+        all with `abandon`, e.g. when a peer is lost and its part file will never come). Never raises."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return
-        if inflight.retrying.is_set():
+        if abandon or inflight.retrying.is_set():
             inflight.cancel.set()
         inflight.thread.join(timeout=timeout_s)
+        if inflight.thread.is_alive():
+            inflight.cancel.set()
+            inflight.thread.join(timeout=5.0)
         if inflight.thread.is_alive():
             self.log("an in-flight checkpoint save was abandoned on the way out; the previous commit stays the newest")
 
     def _run(self, name: str, model: dict, optim: dict, state: dict, final: bool, inflight: _InFlight) -> None:
+        try:
+            self._attempts(name, model, optim, state, final, inflight)
+        finally:
+            inflight.written.set()  # whatever happened: nobody may wait on it any longer
+
+    def _attempts(self, name: str, model: dict, optim: dict, state: dict, final: bool, inflight: _InFlight) -> None:
         delay, cancel = self.retry_s, inflight.cancel
         while True:
             attempt = _Attempt(self.storage, name, remove_empty_folder=self.world_size == 1)
             try:
-                self._write_and_commit(attempt, name, model, optim, state, cancel)
+                self._write_and_commit(attempt, name, model, optim, state, inflight)
                 self._failing_since = None
                 return
             except _Superseded:
@@ -242,8 +260,8 @@ class Checkpointer:
                  "what it wrote is removed" + ("" if final else "; training goes on and the next save tries again"))
 
     def _write_and_commit(self, attempt: _Attempt, name: str, model: dict, optim: dict, state: dict,
-                          cancel: threading.Event) -> None:
-        t0 = time.monotonic()
+                          inflight: _InFlight) -> None:
+        t0, cancel = time.monotonic(), inflight.cancel
         if self._is_committed(name):  # e.g. saved again right after a resume: never rewrite a good checkpoint
             if self.rank == 0:
                 self.log(f"checkpoint {self.storage.show(name)} is already committed; not saving it again")
@@ -270,6 +288,7 @@ class Checkpointer:
                 attempt.write(f"{prefix}.safetensors.index.json", data)
         part_data = {"step": state["step"], "world_size": self.world_size, "rank": self.rank, "files": files}
         attempt.write(part, json.dumps(part_data, indent=2).encode())
+        inflight.written.set()
         if self.rank != 0:
             return
         for other in self._wait_for_parts(name, state["step"], cancel):

@@ -99,6 +99,9 @@ class TrainConfig:
     eval_every_steps: Optional[int] = None
     # Images per forward pass during validation, per process.
     eval_batch_size: int = 256
+    # Longest wait for another process (a collective, a barrier, its part of a checkpoint). A peer that
+    # died or hung longer ends the run with the transient exit code 69, so the launcher relaunches.
+    peer_timeout_s: float = 300.0
 
 
 @dataclass
@@ -288,6 +291,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
+    if not cfg.train.peer_timeout_s > 0:
+        raise ConfigError(f"bad value for `train.peer_timeout_s`: {cfg.train.peer_timeout_s!r}; expected seconds > 0")
     for key in ("checkpoint.max_outage_s", "checkpoint.retry_s", "checkpoint.lease_ttl_s"):
         if not get(cfg, key) >= 0:
             raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a number of seconds >= 0")

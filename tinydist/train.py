@@ -13,6 +13,7 @@ dir leased by a live job (relaunch with backoff); 2 bad config, data or checkpoi
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import sys
@@ -25,7 +26,7 @@ if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
 import traceback
@@ -43,6 +44,7 @@ from tinydist.launch import record_exit_code
 from tinydist.lease import Lease
 from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step, track_bn_statistics
 from tinydist.optim import build_optimizer, build_schedule
+from tinydist.peers import Peers, is_peer_failure
 from tinydist.preempt import StopFlag
 from tinydist.resume import check_resume_state, resume_path
 from tinydist.retry import retry_storage
@@ -59,22 +61,25 @@ def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
     if "tensorboard" in trackers and not is_tensorboard_available():
         raise ConfigError("log.report_to has `tensorboard` but it is not installed: pip install -e '.[tensorboard]'")
     staging = local_staging_dir(cfg.train.output_dir) if cfg else None
+    # Every collective waits at most train.peer_timeout_s for a peer (torch's default is 10-30 min).
+    timeout = datetime.timedelta(seconds=cfg.train.peer_timeout_s if cfg else 300)
     return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                       project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging))
+                       project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
-def acquire_lease(cfg: Config, stop: StopFlag, world: int, rank: int, say: Any) -> Optional[Lease]:
+def acquire_lease(cfg: Config, stop: StopFlag, peers: Peers, say: Any) -> Optional[Lease]:
     """Rank 0 takes the checkpoint dir's lease (one job per dir); every rank learns the outcome, so
     that all of them exit the same way when another job holds it."""
     lease, error = None, None
-    if rank == 0 and cfg.checkpoint.lease_ttl_s > 0:
+    if peers.rank == 0 and cfg.checkpoint.lease_ttl_s > 0:
         lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
                       ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
         try:
             lease.acquire()
         except TransientError as e:
             error = e
-    _, failed = stop.agreed(world, fault=error is not None)
+    _, failed = stop.agreed(peers, fault=error is not None)
     if error is not None:
         raise error
     if failed:
@@ -82,13 +87,19 @@ def acquire_lease(cfg: Config, stop: StopFlag, world: int, rank: int, say: Any) 
     return lease
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
+    """The run; its exit code. `stop` (default: one of its own, restored on return) is the flag that
+    signals set: `main` passes one that stays installed until the exit code is recorded, so a signal
+    on the way out (torchrun's agent SIGTERMs the survivors of a lost rank) cannot kill us first."""
     keep_freed_memory()  # see hostmem.py: per-batch page faults otherwise dominate CPU-side work
     accelerator = make_accelerator(cfg)
     say = accelerator.print
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     say(f"tinydist: {world} process(es), device {device.type}, precision {accelerator.mixed_precision}")
-    stop = StopFlag(log=say)
+    own_stop = stop is None
+    stop = stop or StopFlag(log=say)
+    stop.log = say
+    peers = Peers(world, rank, cfg.train.peer_timeout_s)
     lease: Optional[Lease] = None
     checkpointer: Optional[Checkpointer] = None
     runlog: Optional[RunLog] = None
@@ -135,11 +146,11 @@ def train(cfg: Config) -> int:
             model = torch.compile(model)
 
         # Resume: one job per checkpoint dir; tensors from safetensors shards, everything else from JSON.
-        lease = acquire_lease(cfg, stop, world, rank, say)
+        lease = acquire_lease(cfg, stop, peers, say)
         checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
                                     max_shard_size=cfg.checkpoint.max_shard_size, rank=rank, world_size=world,
                                     log=say, max_outage_s=cfg.checkpoint.max_outage_s, retry_s=cfg.checkpoint.retry_s,
-                                    lease=lease)
+                                    lease=lease, peers=peers, commit_timeout_s=cfg.train.peer_timeout_s)
         if lease is not None:  # we alone write here now: what earlier jobs left half-written can go
             checkpointer.cleanup(everything_uncommitted=True)
         accelerator.wait_for_everyone()
@@ -212,7 +223,7 @@ def train(cfg: Config) -> int:
             progress.update(1)
 
             epoch_ended = math.floor(sampler.epoch_at(step)) > math.floor(sampler.epoch_at(step - 1))
-            stopping, storage_down = stop.agreed(world, fault=checkpointer.fault is not None)
+            stopping, storage_down = stop.agreed(peers, fault=checkpointer.fault is not None)
             if storage_down:  # saves have failed for checkpoint.max_outage_s: stop, relaunch later
                 raise checkpointer.fault or TransientError("a peer's checkpoint storage has been failing too long")
             if step % cfg.log.every_steps == 0 or step == last_step or stopping:
@@ -257,11 +268,13 @@ def train(cfg: Config) -> int:
         runlog = None
         return exit_code
     finally:  # whatever escapes: handlers back, the save finished or abandoned, trackers and lease closed
-        stop.restore()
+        if own_stop:
+            stop.restore()
         if progress is not None:
             progress.close()
-        if checkpointer is not None:
-            checkpointer.close()
+        if checkpointer is not None:  # a lost peer's part file never comes: do not wait for it
+            escaping = sys.exc_info()[1]
+            checkpointer.close(abandon=escaping is not None and is_peer_failure(escaping))
         if runlog is not None:
             try:
                 runlog.finish(preempted=False)
@@ -277,25 +290,29 @@ def exit_code_for(error: Optional[BaseException]) -> int:
         return EXIT_OK
     if isinstance(error, (ConfigError, CheckpointError, SoftmaxBeforeLossError)):
         return EXIT_CONFIG  # bad config, data content, or checkpoint: no relaunch can fix it
-    if isinstance(error, TransientError):
+    if isinstance(error, TransientError) or is_peer_failure(error):
         return EXIT_TRANSIENT  # storage, network, hub, a peer, a lease: relaunch with backoff
     return EXIT_CRASH  # a bug
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     code = EXIT_CRASH
+    stop = StopFlag(log=lambda line: print(line, flush=True))
     try:
-        code = train(load_config(sys.argv[1:] if argv is None else argv))
+        code = train(load_config(sys.argv[1:] if argv is None else argv), stop)
     except Exception as e:  # noqa: BLE001 - every failure gets a code from the contract, not a default
         code = exit_code_for(e)
         if code == EXIT_CRASH:
             traceback.print_exc()
+        elif is_peer_failure(e) and not isinstance(e, TransientError):  # raised by a collective of the loop
+            print(f"error: a peer process was lost: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
         elif os.environ.get("RANK", "0") == "0" or code == EXIT_TRANSIENT:  # the same on every rank: say it once
             print(f"error: {e}", file=sys.stderr)
         if code == EXIT_TRANSIENT:
             print(f"exit {EXIT_TRANSIENT} (transient): a relaunch after a pause can succeed", file=sys.stderr)
     finally:
         record_exit_code(code)  # for `python -m tinydist.launch`: accelerate launch would say 1
+        stop.restore()
     return code
 
 
