@@ -145,6 +145,16 @@ def test_storage_down_at_start_is_transient_not_a_crash(tmp_path, cache_dir):
     assert len(error_lines(result)) == 1 and f"s3://{bucket}/ck" in error_lines(result)[0], describe(result)
 
 
+def test_missing_bucket_fails_in_one_line_before_any_training(tmp_path, cache_dir):
+    with moto_server() as endpoint:
+        result = run_train(tiny_args(cache_dir, str(tmp_path / "out"), checkpoint__dir="s3://no-such-bucket/ck"),
+                           env=train_env(s3_env(endpoint), unset=S3_ENV_UNSET), timeout=240)
+    assert result.returncode == 2, describe(result)
+    (line,) = error_lines(result)
+    assert "checkpoint.dir=s3://no-such-bucket/ck cannot be written" in line and "bucket does not exist" in line, line
+    assert "step 1" not in result.stdout and "Traceback" not in result.stderr
+
+
 # ---- a full disk ---------------------------------------------------------------------------------------
 
 

@@ -139,6 +139,18 @@ class LogConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    # Watch the cloud's preemption notice, which comes before (or instead of) SIGTERM: `auto` (detect the
+    # cloud in the background; nothing elsewhere), `aws` (spot instance-action, IMDSv2), `gcp`
+    # (instance/preempted), `azure` (Preempt scheduled event) or `off`. A notice stops the run like SIGTERM.
+    notice: str = "auto"
+    # Base URL of the metadata service instead of the provider's own (tests, proxies); null = the provider's.
+    metadata_url: Optional[str] = None
+    # Seconds between two polls of the metadata service (AWS gives ~2 minutes of notice).
+    poll_s: float = 5.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +158,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
 
 # Values that a type check cannot catch, checked once after merging: key -> allowed values.
@@ -153,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.stem": ("cifar", "imagenet"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "onecycle"),
+    "preemption.notice": ("off", "auto", "aws", "gcp", "azure"),
 }
 TRACKERS = ("wandb", "tensorboard")
 POSITIVE = ("data.image_size", "train.global_batch_size", "train.micro_batch_size",
@@ -291,6 +305,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
+    if not cfg.preemption.poll_s > 0:
+        raise ConfigError(f"bad value for `preemption.poll_s`: {cfg.preemption.poll_s!r}; expected seconds > 0")
     if not cfg.train.peer_timeout_s > 0:
         raise ConfigError(f"bad value for `train.peer_timeout_s`: {cfg.train.peer_timeout_s!r}; expected seconds > 0")
     for key in ("checkpoint.max_outage_s", "checkpoint.retry_s", "checkpoint.lease_ttl_s"):

@@ -120,6 +120,31 @@ class Storage:
         except OSError:
             return None
 
+    def probe(self, key: str) -> None:
+        """Prove, before any training, that this folder can be written: a small file written and removed.
+        A missing bucket or a permission error is the user's to fix (ConfigError, exit 2); storage that
+        does not answer is a StorageError (transient). `key` names the config key, for the message."""
+        from tinydist.config import ConfigError  # here: config imports this module
+
+        name = f".tinydist-probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            try:
+                self.makedirs("")
+                self.write(name, b"probe\n")
+            finally:
+                with contextlib.suppress(FileNotFoundError, StorageError):
+                    self.remove(name)
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            raise ConfigError(f"{key}={self.url} cannot be written ({type(e).__name__}: {one_line(e)[:200]}); "
+                              "expected an existing bucket or folder this job may write (check the name and "
+                              "the credentials)") from None
+        except StorageError as e:
+            cause = e.__cause__
+            if isinstance(cause, (PermissionError, NotADirectoryError, FileExistsError)):
+                raise ConfigError(f"{key}={self.url} cannot be written ({type(cause).__name__}: "
+                                  f"{one_line(cause)[:200]}); expected a folder this job may write") from None
+            raise
+
     # ---- writing ---------------------------------------------------------------------------------------
     def makedirs(self, name: str) -> None:
         if self.local:

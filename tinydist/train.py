@@ -43,6 +43,7 @@ from tinydist.hostmem import keep_freed_memory
 from tinydist.launch import record_exit_code
 from tinydist.lease import Lease
 from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step, track_bn_statistics
+from tinydist.notice import watch_in_background
 from tinydist.optim import build_optimizer, build_schedule
 from tinydist.peers import Peers, is_peer_failure
 from tinydist.preempt import StopFlag
@@ -68,22 +69,26 @@ def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
-def acquire_lease(cfg: Config, stop: StopFlag, peers: Peers, say: Any) -> Optional[Lease]:
-    """Rank 0 takes the checkpoint dir's lease (one job per dir); every rank learns the outcome, so
-    that all of them exit the same way when another job holds it."""
+def claim_storage(cfg: Config, stop: StopFlag, peers: Peers, say: Any) -> Optional[Lease]:
+    """Before any training, rank 0 proves that checkpoint.dir and train.output_dir can be written (a
+    missing bucket fails now, in one line, not an epoch later at the first save) and takes the
+    checkpoint dir's lease (one job per dir). Every rank learns the outcome and stops with it."""
     lease, error = None, None
-    if peers.rank == 0 and cfg.checkpoint.lease_ttl_s > 0:
-        lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
-                      ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
+    if peers.rank == 0:
         try:
-            lease.acquire()
-        except TransientError as e:
+            Storage(config_lib.checkpoint_dir(cfg)).probe("checkpoint.dir")
+            Storage(cfg.train.output_dir).probe("train.output_dir")
+            if cfg.checkpoint.lease_ttl_s > 0:
+                lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
+                              ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
+                lease.acquire()
+        except (ConfigError, TransientError) as e:
             error = e
     _, failed = stop.agreed(peers, fault=error is not None)
     if error is not None:
         raise error
     if failed:
-        raise TransientError("rank 0 could not take the checkpoint dir's lease (see its message)")
+        raise TransientError("rank 0 could not claim the checkpoint dir (see its message)")
     return lease
 
 
@@ -100,6 +105,11 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     stop = stop or StopFlag(log=say)
     stop.log = say
     peers = Peers(world, rank, cfg.train.peer_timeout_s)
+    # Each machine can be preempted on its own: every node's first process watches its own VM's notice;
+    # the stop flag is agreed over all ranks at the next step boundary.
+    stop_watching = watch_in_background(cfg.preemption.notice if accelerator.is_local_main_process else "off",
+                                        stop.request, metadata_url=cfg.preemption.metadata_url,
+                                        poll_s=cfg.preemption.poll_s, log=say)
     lease: Optional[Lease] = None
     checkpointer: Optional[Checkpointer] = None
     runlog: Optional[RunLog] = None
@@ -146,7 +156,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             model = torch.compile(model)
 
         # Resume: one job per checkpoint dir; tensors from safetensors shards, everything else from JSON.
-        lease = acquire_lease(cfg, stop, peers, say)
+        lease = claim_storage(cfg, stop, peers, say)
         checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
                                     max_shard_size=cfg.checkpoint.max_shard_size, rank=rank, world_size=world,
                                     log=say, max_outage_s=cfg.checkpoint.max_outage_s, retry_s=cfg.checkpoint.retry_s,
@@ -268,6 +278,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         runlog = None
         return exit_code
     finally:  # whatever escapes: handlers back, the save finished or abandoned, trackers and lease closed
+        stop_watching()
         if own_stop:
             stop.restore()
         if progress is not None:
