@@ -130,6 +130,20 @@ class Checkpointer:
             torch.cuda.synchronize(device)
         return out
 
+    def estimate_blocked_s(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """What a save will block the loop for, measured now by copying the model into the host buffers
+        (which the first save then reuses), scaled up for optimizer state not created yet (SGD momentum:
+        one tensor per parameter, Adam: two; assume two)."""
+        start = time.perf_counter()
+        self._to_host(model.state_dict(), "model/")
+        seconds = time.perf_counter() - start
+        if not optimizer.state:
+            return 3.0 * seconds
+        optim_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                          if torch.is_tensor(t))
+        model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) or 1
+        return seconds * (1.0 + optim_bytes / model_bytes)
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              meta: dict, *, blocking: bool = False) -> None:
         """Snapshot model + optimizer to host memory, then write (and on rank 0 commit) in the background.

@@ -110,6 +110,11 @@ class CheckpointConfig:
     dir: Optional[str] = None
     # Save every this many optimizer steps (and at each epoch end and on preemption); 0 = only those.
     every_steps: int = 1000
+    # Also save every this many minutes by the clock (whichever of this and every_steps comes first):
+    # a number, `off`, or `auto`: Young/Daly's sqrt(2 x save cost x mtbf_minutes), the cost measured.
+    every_minutes: str = "off"
+    # Expected minutes between preemptions, for every_minutes=auto (spot VMs: often 30 to 120).
+    mtbf_minutes: float = 60.0
     # Committed checkpoints to keep; older ones are deleted after a newer one is committed.
     keep_last: int = 2
     # Largest safetensors shard, e.g. `10MB`.
@@ -305,6 +310,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
+    from tinydist.cadence import parse_every_minutes  # no torch there either
+
+    try:
+        parse_every_minutes(cfg.checkpoint.every_minutes)
+    except ValueError:
+        raise ConfigError(f"bad value for `checkpoint.every_minutes`: {cfg.checkpoint.every_minutes!r}; expected "
+                          "a positive number of minutes, `off` or `auto`") from None
+    if not cfg.checkpoint.mtbf_minutes > 0:
+        raise ConfigError(f"bad value for `checkpoint.mtbf_minutes`: {cfg.checkpoint.mtbf_minutes!r}; expected minutes > 0")
     if not cfg.preemption.poll_s > 0:
         raise ConfigError(f"bad value for `preemption.poll_s`: {cfg.preemption.poll_s!r}; expected seconds > 0")
     if not cfg.train.peer_timeout_s > 0:

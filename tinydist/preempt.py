@@ -34,13 +34,14 @@ class StopFlag:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def agreed(self, peers: Any, fault: bool = False) -> tuple[bool, bool]:
-        """(any rank signalled, any rank reports `fault`), the same on every rank. A collective over
-        `peers` (peers.py: a CPU group, bounded wait): call it on all ranks at the same point."""
-        signalled, faulted = (bool(v) for v in peers.max([int(self.requested), int(fault)]))
+    def agreed(self, peers: Any, fault: bool = False, due: bool = False) -> tuple[bool, bool, bool]:
+        """(any rank signalled, any rank reports `fault`, any rank says a save is `due`), the same on
+        every rank: one collective over `peers` (peers.py: a CPU group, bounded wait), so call it on
+        all ranks at the same point. Clocks differ between machines; the first to see a save due wins."""
+        signalled, faulted, due_any = (bool(v) for v in peers.max([int(self.requested), int(fault), int(due)]))
         if signalled and self.signal_name is None:
             self.signal_name = "peer"
-        return signalled, faulted
+        return signalled, faulted, due_any
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

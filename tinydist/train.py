@@ -33,6 +33,7 @@ import traceback
 
 from tinydist import config as config_lib
 from tinydist.augment import to_device, train_transform
+from tinydist.cadence import SaveClock
 from tinydist.checkpoint import CheckpointError, Checkpointer
 from tinydist.config import Config, ConfigError, load_config
 from tinydist.data import load_split
@@ -84,7 +85,7 @@ def claim_storage(cfg: Config, stop: StopFlag, peers: Peers, say: Any) -> Option
                 lease.acquire()
         except (ConfigError, TransientError) as e:
             error = e
-    _, failed = stop.agreed(peers, fault=error is not None)
+    _, failed, _ = stop.agreed(peers, fault=error is not None)
     if error is not None:
         raise error
     if failed:
@@ -171,6 +172,11 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             step = check_resume_state(path, meta, cfg, schedule, len(train_data))
             say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on "
                 f"{meta.get('device')})")
+        clock = SaveClock(cfg.checkpoint.every_minutes, cfg.checkpoint.mtbf_minutes, say)
+        if clock.auto:
+            clock.start(checkpointer.estimate_blocked_s(bare_model, optimizer.optimizer))
+        else:
+            clock.start(0.0)
         runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), step if path else None)
         if accelerator.is_main_process:
             output = Storage(cfg.train.output_dir)
@@ -190,11 +196,13 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
 
         def save(blocking: bool) -> None:
             sync_buffers()
+            started = time.perf_counter()
             checkpointer.save(step, bare_model, optimizer.optimizer, {
                 "epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
                 "global_batch_size": cfg.train.global_batch_size, "device": device.type,
                 "schedule": schedule.state_dict(), "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id,
             }, blocking=blocking)
+            clock.saved(time.perf_counter() - started)
 
         def validate() -> None:
             sync_buffers()
@@ -233,7 +241,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             progress.update(1)
 
             epoch_ended = math.floor(sampler.epoch_at(step)) > math.floor(sampler.epoch_at(step - 1))
-            stopping, storage_down = stop.agreed(peers, fault=checkpointer.fault is not None)
+            stopping, storage_down, clock_due = stop.agreed(peers, checkpointer.fault is not None, clock.due())
             if storage_down:  # saves have failed for checkpoint.max_outage_s: stop, relaunch later
                 raise checkpointer.fault or TransientError("a peer's checkpoint storage has been failing too long")
             if step % cfg.log.every_steps == 0 or step == last_step or stopping:
@@ -248,8 +256,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             if epoch_ended or step == last_step or (cfg.train.eval_every_steps
                                                     and step % cfg.train.eval_every_steps == 0):
                 validate()
-            if stopping or step == last_step or epoch_ended or (cfg.checkpoint.every_steps
-                                                                  and step % cfg.checkpoint.every_steps == 0):
+            if stopping or step == last_step or epoch_ended or clock_due or (
+                    cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
                 try:
                     save(blocking=stopping or step == last_step)
                 except StorageFullError as e:
