@@ -1,0 +1,97 @@
+"""Two machines, for real, on loopback: two `launch/one_node.sh` invocations (`--num_machines 2`, machine
+ranks 0 and 1, main process 127.0.0.1, one process each), each with its own data cache dir (separate
+nodes have separate disks) and one shared checkpoint.dir. They train what one process trains; a
+SIGTERM to one machine's launcher makes both save and exit 75; relaunching both resumes and finishes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_helpers import PYTHON, REPO, describe, free_port, load_model_dir, run_train, tiny_args, train_env
+
+STEPS = {"train__max_steps": 24, "checkpoint__every_steps": 2}
+
+
+def machine(rank: int, port: int, tmp_path: Path, cache_root: str) -> subprocess.Popen:
+    env = train_env({"NUM_GPUS": "1", "NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PROCESS_IP": "127.0.0.1",
+                     "MAIN_PROCESS_PORT": str(port), "ACCELERATE_ARGS": "--mixed_precision no",
+                     "PYTHON": PYTHON})
+    args = tiny_args(f"{cache_root}/machine{rank}", str(tmp_path / "out"), **STEPS,
+                     checkpoint__dir=str(tmp_path / "shared-ck"))
+    return subprocess.Popen([str(REPO / "launch" / "one_node.sh"), *args], cwd=str(REPO), env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    results, deadline = [], time.monotonic() + timeout
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"a machine still ran after {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def assert_close_to(model_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    got = load_model_dir(str(model_dir))
+    assert set(got) == set(reference)
+    for key, want in reference.items():
+        if want.is_floating_point():
+            assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-6), (key, (got[key] - want).abs().max())
+        else:
+            assert torch.equal(got[key], want), key
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("one-process")
+    result = run_train(tiny_args(cache_dir, str(out), **STEPS))
+    assert result.returncode == 0, describe(result)
+    return load_model_dir(str(out / "model"))
+
+
+def test_two_machines_train_like_one_process(tmp_path, one_process):
+    port = free_port()
+    results = finish([machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))], 400)
+    for r in results:
+        assert r.returncode == 0, describe(r)
+    assert "tinydist: 2 process(es)" in results[0].stdout, describe(results[0])
+    # Each machine decoded its own cache: nothing shared but the checkpoint dir.
+    assert (tmp_path / "machine0").is_dir() and (tmp_path / "machine1").is_dir()
+    assert_close_to(tmp_path / "out" / "model", one_process)
+
+
+def test_sigterm_to_one_machine_stops_both_with_a_commit_and_both_resume(tmp_path, one_process):
+    port = free_port()
+    procs = [machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))]
+    first_commit = tmp_path / "shared-ck" / "step-00000002" / "COMMITTED"
+    deadline = time.monotonic() + 300
+    while not first_commit.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first_commit.exists(), "no first commit"
+    procs[1].send_signal(signal.SIGTERM)  # machine 1's launcher only, as its VM's shutdown would
+    results = finish(procs, 300)
+    assert [r.returncode for r in results] == [75, 75], "\n".join(describe(r) for r in results)
+    stopped = [line for line in results[0].stdout.splitlines() if line.startswith("stopped at step")]
+    assert stopped, describe(results[0])
+    step = int(stopped[0].split()[3])
+    assert step < 24 and (tmp_path / "shared-ck" / f"step-{step:08d}" / "COMMITTED").exists()
+
+    port = free_port()  # a fresh rendezvous for the relaunch
+    results = finish([machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))], 400)
+    for r in results:
+        assert r.returncode == 0, describe(r)
+    assert f"resumed from {tmp_path / 'shared-ck'}/step-{step:08d}" in results[0].stdout, describe(results[0])
+    assert_close_to(tmp_path / "out" / "model", one_process)
