@@ -359,15 +359,27 @@ def test_group_exit_code(codes, fallback, expected):
     assert group_exit_code(codes, fallback) == expected
 
 
+def test_only_the_last_round_of_an_elastic_run_counts(tmp_path, monkeypatch):
+    """The elastic agent restarts workers (new ranks, fewer of them): the failed round's codes are history."""
+    from tinydist.launch import EXIT_DIR_ENV, _recorded_codes, record_exit_code
+    monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
+    for restart, rank, code in ((0, 0, 69), (0, 1, 69), (1, 0, 0)):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart))
+        monkeypatch.setenv("RANK", str(rank))
+        record_exit_code(code)
+    assert _recorded_codes(str(tmp_path)) == [0]
+
+
 def test_record_exit_code(tmp_path, monkeypatch):
     from tinydist.launch import EXIT_DIR_ENV, record_exit_code
     monkeypatch.delenv(EXIT_DIR_ENV, raising=False)
     monkeypatch.setenv("RANK", "3")
     record_exit_code(75)  # not launched through tinydist.launch: nothing to do
     monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     record_exit_code(75)
-    assert [p.name for p in tmp_path.iterdir()] == ["rank3.code"]
-    assert (tmp_path / "rank3.code").read_text().strip() == "75"
+    assert [p.name for p in tmp_path.iterdir()] == ["round0-rank3.code"]
+    assert (tmp_path / "round0-rank3.code").read_text().strip() == "75"
     monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path / "gone"))
     record_exit_code(2)  # cannot write: says so, never raises
 

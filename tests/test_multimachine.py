@@ -95,3 +95,59 @@ def test_sigterm_to_one_machine_stops_both_with_a_commit_and_both_resume(tmp_pat
         assert r.returncode == 0, describe(r)
     assert f"resumed from {tmp_path / 'shared-ck'}/step-{step:08d}" in results[0].stdout, describe(results[0])
     assert_close_to(tmp_path / "out" / "model", one_process)
+
+
+# ---- elastic: losing a machine does not end the job ---------------------------------------------------
+
+
+def elastic_machine(rank: int, port: int, tmp_path: Path, cache_root: str) -> subprocess.Popen:
+    env = train_env({"NUM_GPUS": "1", "NUM_MACHINES": "2", "MIN_MACHINES": "1", "MACHINE_RANK": str(rank),
+                     "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": str(port), "PYTHON": PYTHON,
+                     "RDZV_ID": f"test-{port}", "MAX_RESTARTS": "3",
+                     # quick re-rendezvous on one machine: wait 3 s (not 30) for latecomers
+                     "RDZV_CONF": "last_call_timeout=3,join_timeout=120"})
+    args = tiny_args(f"{cache_root}/machine{rank}", str(tmp_path / "out"), **ELASTIC_STEPS,
+                     checkpoint__dir=str(tmp_path / "shared-ck"), train__peer_timeout_s=60)
+    return subprocess.Popen([str(REPO / "launch" / "one_node.sh"), *args], cwd=str(REPO), env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+ELASTIC_STEPS = {"train__max_steps": 40, "checkpoint__every_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def one_process_elastic(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("one-process-elastic")
+    result = run_train(tiny_args(cache_dir, str(out), **ELASTIC_STEPS))
+    assert result.returncode == 0, describe(result)
+    return load_model_dir(str(out / "model"))
+
+
+def test_elastic_run_survives_losing_a_machine(tmp_path, one_process_elastic):
+    from faultinject import children_of, kill_tree
+
+    port = free_port()
+    survivor = elastic_machine(0, port, tmp_path, str(tmp_path))
+    time.sleep(1.0)  # machine 0 hosts the rendezvous (it is MAIN_PROCESS_IP): let it bind first
+    doomed = elastic_machine(1, port, tmp_path, str(tmp_path))
+    try:
+        commit = tmp_path / "shared-ck" / "step-00000004" / "COMMITTED"
+        deadline = time.monotonic() + 300
+        while not commit.exists() and survivor.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert commit.exists(), "no commit with two machines"
+        assert children_of(doomed.pid), "machine 1 has no workers"
+        kill_tree(doomed.pid, signal.SIGKILL)  # the whole machine: launcher, agent and worker
+        (result,) = finish([survivor], 400)
+    finally:
+        for proc in (survivor, doomed):
+            if proc.poll() is None:
+                kill_tree(proc.pid, signal.SIGKILL)
+        doomed.communicate()
+    assert result.returncode == 0, describe(result)
+    out = result.stdout + result.stderr
+    assert "tinydist: 2 process(es)" in out and "tinydist: 1 process(es)" in out, describe(result)
+    resumed = [line for line in result.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed and "saved by 2 process(es)" in resumed[-1], describe(result)
+    assert "accumulation" in out
+    assert_close_to(tmp_path / "out" / "model", one_process_elastic)

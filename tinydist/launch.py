@@ -1,6 +1,7 @@
 """`accelerate launch` that keeps tinydist's exit codes and lives through preemption signals.
 
     python -m tinydist.launch [accelerate launch flags] tinydist/train.py --config ... [--a.b=v ...]
+    python -m tinydist.launch --torchrun [torchrun flags] tinydist/train.py --config ...   (elastic)
 
 `accelerate launch` reports every failure as exit 1, so a launcher could not tell "saved and
 stopped, relaunch me" (75) from "bad config, don't" (2) or a crash. Here each training process
@@ -11,12 +12,18 @@ Signals: SLURM sends SIGUSR1 to every process of a job step, Kubernetes sends SI
 process only. So this process never dies of TERM/INT/USR1 itself: it passes them on to its
 children (torchrun's agent, when several processes are launched, installs its own TERM/INT
 forwarding) and waits for them to save and exit.
+
+Elastic runs (a lost machine does not end the job) need torchrun's `--nnodes=MIN:MAX` with a c10d
+rendezvous, which `accelerate launch` cannot express (its --num_machines is one number). With
+`--torchrun` first, the rest goes to torchrun itself, with the same exit codes and signal handling;
+the training script builds its Accelerator from torchrun's environment as usual.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +42,9 @@ def record_exit_code(code: int) -> None:
     folder = os.environ.get(EXIT_DIR_ENV)
     if not folder:
         return
-    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.code")
+    # The elastic agent restarts workers with new ranks: only the last round's codes count.
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    path = os.path.join(folder, f"round{restart}-rank{os.environ.get('RANK', '0')}.code")
     try:
         with open(path + ".tmp", "w") as f:
             f.write(f"{code}\n")
@@ -79,26 +88,39 @@ def _forward(signum: int, frame: Any) -> None:
 
 
 def _recorded_codes(folder: str) -> list[int]:
-    paths = glob.glob(os.path.join(folder, "rank*.code"))
-    paths.sort(key=lambda p: int(os.path.basename(p)[4:-5]))  # rank order: rank10 after rank2
-    return [int(open(p).read()) for p in paths]
+    """The exit codes of the last round of workers (the elastic agent may have restarted them), in rank order."""
+    found = [(int(m.group(1)), int(m.group(2)), p) for p in glob.glob(os.path.join(folder, "round*-rank*.code"))
+             if (m := re.match(r"round(\d+)-rank(\d+)\.code$", os.path.basename(p)))]
+    if not found:
+        return []
+    last = max(round_ for round_, _, _ in found)
+    return [int(open(p).read()) for _, _, p in sorted(r for r in found if r[0] == last)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     for sig in SIGNALS:  # first thing: a signal during the imports below must not kill us either
         signal.signal(sig, _forward)
-    from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--torchrun"]:
+        import torch.distributed.run as torchrun
+
+        args = torchrun.get_args_parser().parse_args(argv[1:])
+        run = torchrun.run
+    else:
+        from accelerate.commands.launch import launch_command, launch_command_parser
+
+        args = launch_command_parser().parse_args(argv)
+        run = launch_command
     folder = tempfile.mkdtemp(prefix="tinydist-exit.")
     os.environ[EXIT_DIR_ENV] = folder
     # torchrun's default grace between forwarding SIGTERM and SIGKILL (30 s) can cut a save short.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "170")
     fallback = 0
     try:
-        launch_command(args)
+        run(args)
     except subprocess.CalledProcessError as e:  # one process
         fallback = e.returncode
     except SystemExit as e:  # one process with --quiet: accelerate exits 1 itself
