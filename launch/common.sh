@@ -16,7 +16,7 @@
 #   OUTPUT_DIR      -> --train.output_dir=...
 #   CHECKPOINT_DIR  -> --checkpoint.dir=...    (a path or a URL: s3://bucket/run)
 #   RUN_NAME        -> --log.run_name=...
-#   ACCELERATE_ARGS extra `accelerate launch` flags, split on spaces (e.g. "--mixed_precision fp16")
+#   ACCELERATE_ARGS extra `accelerate launch` flags, split on spaces (e.g. "--mixed_precision bf16")
 #   TRAIN_SCRIPT    default tinydist/train.py
 #   PYTHON          interpreter that runs tinydist.launch (default python: the active environment)
 #   TINYDIST_LAUNCH whole launcher command, split on spaces (default: $PYTHON -m tinydist.launch;

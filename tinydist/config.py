@@ -57,7 +57,7 @@ class ModelConfig:
     extra_fc: int = 0
     # Keep activations in NHWC; faster with tensor cores, harmless elsewhere.
     channels_last: bool = True
-    # Wrap the model in torch.compile (GPU only; ignored on the CPU where it only costs start-up time).
+    # Wrap the model in torch.compile (on any device; the first steps pay for the compilation).
     compile: bool = False
 
 

@@ -25,17 +25,38 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def track_bn_statistics(model: nn.Module, enabled: bool) -> None:
-    """Let BatchNorm layers update their running statistics in the next forward, or not.
+class BNStatistics:
+    """Keep BatchNorm running statistics as they were across a forward pass, or let it update them.
 
     The loop updates them on the first global micro-batch of each optimizer step only. Under DDP
     the statistics that survive are rank 0's (broadcast at each forward), so "every micro-batch"
     would mean "every micro-batch rank 0 happens to hold" and depend on the process count; "the
     step's first micro-batch" is the same on any number of processes.
+
+    Why a snapshot and restore rather than toggling `track_running_stats`: the module attribute is
+    guarded by torch.compile, so toggling it every micro-batch recompiled the model; copying ~10k
+    numbers in and out of the buffers happens outside the compiled graph. A training-mode forward
+    normalises with the batch's own statistics either way, so the outputs are the same.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.track_running_stats = enabled
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self._saved: list[torch.Tensor] = []
+
+    def keep(self) -> None:
+        """Before a forward whose statistics must not count."""
+        if not self._saved:
+            self._saved = [torch.empty_like(b) for b in self.buffers]
+        for saved, buffer in zip(self._saved, self.buffers):
+            saved.copy_(buffer)
+
+    def restore(self) -> None:
+        """After that forward and its backward (autograd checks the buffers it saw are unchanged): the
+        running statistics are back to what `keep` saw."""
+        with torch.no_grad():
+            for saved, buffer in zip(self._saved, self.buffers):
+                buffer.copy_(saved)
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:

@@ -43,7 +43,7 @@ from tinydist.export import export_model
 from tinydist.hostmem import keep_freed_memory
 from tinydist.launch import record_exit_code
 from tinydist.lease import Lease
-from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step, track_bn_statistics
+from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.notice import watch_in_background
 from tinydist.optim import build_optimizer, build_schedule
 from tinydist.peers import Peers, is_peer_failure
@@ -152,8 +152,13 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         bare_model = model  # torchvision keys, no DDP/compile wrapper: what checkpoints and eval use
         optimizer = build_optimizer(cfg.optim, model)
         schedule = build_schedule(cfg.optim, optimizer, total_steps, warmup_steps)
+        if accelerator.mixed_precision == "fp16":
+            raise ConfigError("mixed precision fp16 is not supported: its loss scaler skips steps, so a resumed run "
+                              "would not retrace the original; use bf16 (`--mixed_precision bf16`), which needs no "
+                              "scaler, or no mixed precision")
         model, optimizer = accelerator.prepare(model, optimizer)  # not the schedule: see optim.py
-        if cfg.model.compile and device.type == "cuda":
+        bn_statistics = BNStatistics(bare_model)
+        if cfg.model.compile:
             model = torch.compile(model)
 
         # Resume: one job per checkpoint dir; tensors from safetensors shards, everything else from JSON.
@@ -224,17 +229,20 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 images, labels = to_device(train_data.gather(micro.indices), train_data.labels[micro.indices], device)
                 inputs = train_transform(images, cfg.train.seed, micro.epoch, micro.index, cfg.model.channels_last,
                                          cfg.data.crop_scale, cfg.data.hflip)
-                track_bn_statistics(bare_model, micro.index % sampler.micro_batches_per_step == 0)  # see model.py
+                counts = micro.index % sampler.micro_batches_per_step == 0  # BN statistics: see model.py
                 with accelerator.accumulate(model):
+                    if not counts:
+                        bn_statistics.keep()
                     logits = model(inputs)
                     loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
                     if step == 0 and micro.index == rank:  # first forward of a fresh run
                         check_first_step(logits, loss.item(), num_classes)
                     accelerator.backward(loss)
+                    if not counts:  # after the backward, which checks the buffers it saw are unchanged
+                        bn_statistics.restore()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
-            track_bn_statistics(bare_model, True)  # evaluation reads the running statistics
             schedule.step()
             step += 1
             window_steps += 1
