@@ -234,6 +234,40 @@ def test_save_returns_before_writing_and_snapshots_state(tmp_path):
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
+def test_parameters_are_copied_while_the_loop_runs_until_the_barrier(tmp_path):
+    """Zero-stall saves: BN buffers are copied inside save(); parameters and optimizer state, which only an
+    optimizer step changes, are copied in the background; snapshot_barrier() (before that step) waits."""
+    model, opt = trained("sgd")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ck = Checkpointer(str(tmp_path), keep_last=2, log=Logs())
+    gate = threading.Event()
+    real_to_host = ck._to_host
+
+    def slow_to_host(tensors, prefix, buffers=None):
+        if prefix == "optimizer/":  # the background part: held until the test lets it go
+            assert gate.wait(30)
+        return real_to_host(tensors, prefix, buffers)
+
+    ck._to_host = slow_to_host
+    ck.save(5, model, opt, {})
+    with torch.no_grad():  # the next forward changes BN buffers at once: they were copied already
+        for name, buffer in model.named_buffers():
+            buffer.add_(1)
+    assert not ck._inflight.snapshot.is_set()  # still copying in the background
+    gate.set()
+    ck.snapshot_barrier()  # what the loop calls before its optimizer step
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+        for state in opt.state.values():
+            state["momentum_buffer"].add_(1)
+    ck.wait()
+    fresh, fresh_opt = build("sgd", seed=9)
+    ck.load(ck.latest(), fresh, fresh_opt)
+    for k, v in expected.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
 def test_keep_last_and_leftovers(tmp_path):
     model, opt = trained("sgd")
     (tmp_path / "step-00000000").mkdir()  # an interrupted save older than every commit

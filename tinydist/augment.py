@@ -85,15 +85,23 @@ def crop_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return grid
 
 
-def train_transform(images: torch.Tensor, seed: int, epoch: int, index: int, channels_last: bool = True,
-                    scale: Sequence[float] = (0.08, 1.0), hflip: bool = True) -> torch.Tensor:
-    """(N, H, W, 3) uint8 on any device -> augmented, normalised (N, 3, H, W) float32 of the same size."""
+def augment(images: torch.Tensor, theta: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """(N, H, W, 3) uint8 + (N, 2, 3) crop/flip parameters on the same device -> normalised (N, 3, H, W)
+    float32 of the same size: normalise, then crop, resize and flip in one `grid_sample`."""
     n, height, width, _ = images.shape
-    generator = batch_generator(seed, epoch, index)
-    theta = crop_flip_params(n, height, width, generator, (scale[0], scale[1]), hflip=hflip).to(images.device)
     x = F.grid_sample(normalise(images), crop_grid(theta, height, width), mode="bilinear", padding_mode="border",
                       align_corners=False)
     return _memory_format(x, channels_last)
+
+
+def train_transform(images: torch.Tensor, seed: int, epoch: int, index: int, channels_last: bool = True,
+                    scale: Sequence[float] = (0.08, 1.0), hflip: bool = True) -> torch.Tensor:
+    """(N, H, W, 3) uint8 on any device -> augmented, normalised (N, 3, H, W) float32 of the same size.
+    (The training loop draws the parameters ahead of time, in prefetch.py, and calls `augment`.)"""
+    n, height, width, _ = images.shape
+    generator = batch_generator(seed, epoch, index)
+    theta = crop_flip_params(n, height, width, generator, (scale[0], scale[1]), hflip=hflip).to(images.device)
+    return augment(images, theta, channels_last)
 
 
 def eval_transform(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:

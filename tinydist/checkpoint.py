@@ -53,6 +53,8 @@ class _InFlight:
         self.cancel = threading.Event()  # superseded, or the run is on its way out
         self.retrying = threading.Event()  # failed once already and waiting to retry
         self.written = threading.Event()  # this rank's files and part file are in storage (or it gave up)
+        self.snapshot = threading.Event()  # parameters and optimizer state are copied to host memory
+        self.cuda_done: Optional[Any] = None  # on a GPU: the event that marks the end of those copies
         self.error: Optional[BaseException] = None  # for wait() to raise
 
 
@@ -112,23 +114,87 @@ class Checkpointer:
         self._verified: Optional[tuple[str, dict, dict[str, bytes]]] = None
 
     # ---- saving ------------------------------------------------------------------------------------------
-    def _to_host(self, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        """Copy to host memory now: training mutates these tensors in place as soon as save() returns.
-        The buffers are reused from save to save (the previous save has finished by now): fresh ones
-        would cost page faults on the CPU and pinned allocations on a GPU, inside the blocked time."""
-        out, devices = {}, set()
+    def _to_host(self, tensors: dict[str, torch.Tensor], prefix: str,
+                 buffers: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Copy into host buffers reused from save to save (fresh ones would cost page faults on the
+        CPU, pinned allocations on a GPU). On a GPU the copies are only queued (non-blocking, on the
+        caller's current stream): the caller orders and waits for them with events."""
+        buffers = self._host_buffers if buffers is None else buffers
+        out = {}
         for key, t in tensors.items():
             t = t.detach()
-            buf = self._host_buffers.get(prefix + key)
+            buf = buffers.get(prefix + key)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
-                self._host_buffers[prefix + key] = buf
+                buffers[prefix + key] = buf
             out[key] = buf.copy_(t, non_blocking=t.device.type == "cuda")
-            if t.device.type == "cuda":
-                devices.add(t.device)
-        for device in devices:
-            torch.cuda.synchronize(device)
         return out
+
+    def _snapshot(self, model: torch.nn.Module, optim_tensors: dict[str, torch.Tensor], blocking: bool,
+                  inflight: "_InFlight") -> Callable[[], tuple[dict, dict]]:
+        """Take the state to host memory without stalling the loop (CheckFreq, FAST'21).
+
+        The forward changes only the BN buffers: they are copied now. Parameters and optimizer state
+        change only at the next optimizer step: they are copied while the next forward and backward run
+        (a side CUDA stream, or on the CPU the writer thread), and the loop calls `snapshot_barrier()`
+        before that step. Returns what the writer thread calls to get the finished host copies."""
+        state = model.state_dict()
+        buffer_names = {name for name, _ in model.named_buffers()}
+        now = {k: v for k, v in state.items() if k in buffer_names}
+        later = {k: v for k, v in state.items() if k not in buffer_names}
+        buffers = self._host_buffers  # this save's: a superseded one keeps its own
+        order = list(state)
+
+        def assemble(first: dict, second: dict, optim: dict) -> tuple[dict, dict]:
+            merged = {**first, **second}
+            return {k: merged[k] for k in order}, optim
+
+        if any(t.is_cuda for t in state.values()):
+            side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())  # copy what the last optimizer step wrote
+            with torch.cuda.stream(side):
+                now_host = self._to_host(now, "model/", buffers)
+            torch.cuda.current_stream().wait_stream(side)  # the next forward's BN update waits, on the GPU only
+            with torch.cuda.stream(side):
+                later_host = self._to_host(later, "model/", buffers)
+                optim_host = self._to_host(optim_tensors, "optimizer/", buffers)
+            done = torch.cuda.Event()
+            done.record(side)
+            inflight.cuda_done = done
+            inflight.snapshot.set()
+            if blocking:
+                done.synchronize()
+
+            def finish_cuda() -> tuple[dict, dict]:
+                done.synchronize()
+                return assemble(now_host, later_host, optim_host)
+            return finish_cuda
+
+        now_host = self._to_host(now, "model/", buffers)
+        if blocking:  # nothing runs meanwhile: copy everything here
+            rest = self._to_host(later, "model/", buffers), self._to_host(optim_tensors, "optimizer/", buffers)
+            inflight.snapshot.set()
+            return lambda: assemble(now_host, *rest)
+
+        def finish_cpu() -> tuple[dict, dict]:
+            try:
+                later_host = self._to_host(later, "model/", buffers)
+                optim_host = self._to_host(optim_tensors, "optimizer/", buffers)
+            finally:
+                inflight.snapshot.set()
+            return assemble(now_host, later_host, optim_host)
+        return finish_cpu
+
+    def snapshot_barrier(self) -> None:
+        """Call before every optimizer step: returns at once unless the in-flight save is still copying
+        the parameters and optimizer state that this step is about to change."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        if inflight.cuda_done is not None:
+            torch.cuda.current_stream().wait_event(inflight.cuda_done)  # the GPU waits, not the host
+        else:
+            inflight.snapshot.wait()
 
     def estimate_blocked_s(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """What a save will block the loop for, measured now by copying the model into the host buffers
@@ -136,6 +202,8 @@ class Checkpointer:
         one tensor per parameter, Adam: two; assume two)."""
         start = time.perf_counter()
         self._to_host(model.state_dict(), "model/")
+        if any(t.is_cuda for t in model.state_dict().values()):
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         if not optimizer.state:
             return 3.0 * seconds
@@ -146,7 +214,8 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              meta: dict, *, blocking: bool = False) -> None:
-        """Snapshot model + optimizer to host memory, then write (and on rank 0 commit) in the background.
+        """Snapshot model + optimizer to host memory (see `_snapshot`: the loop is not stalled, but must call
+        `snapshot_barrier()` before its next optimizer step), then write (and on rank 0 commit) in the background.
         blocking=True (final and preemption saves): return once committed, retrying storage faults until
         `max_outage_s`; raises StorageFullError / TransientError / CheckpointError if it could not."""
         self._supersede_or_wait()
@@ -162,14 +231,12 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where}: meta uses reserved keys {clash}; "
                                   f"expected none of {list(fmt.RESERVED)}")
         optim_tensors, optim_json = fmt.flatten_optimizer(where, model, optimizer)
-        model_host = self._to_host(model.state_dict(), "model/")
-        optim_host = self._to_host(optim_tensors, "optimizer/")
         state = {**meta, "step": step, "format": fmt.FORMAT, "world_size": self.world_size,
                  "versions": fmt.versions(), "optimizer": optim_json}
         self.last_error = None
         inflight = self._inflight = _InFlight()
-        inflight.thread = threading.Thread(target=self._run, args=(name, model_host, optim_host, state, blocking,
-                                                                   inflight),
+        snapshot = self._snapshot(model, optim_tensors, blocking, inflight)
+        inflight.thread = threading.Thread(target=self._run, args=(name, snapshot, state, blocking, inflight),
                                            name=f"tinydist-checkpoint-{name}", daemon=True)
         inflight.thread.start()
         if blocking:
@@ -216,10 +283,15 @@ class Checkpointer:
         if inflight.thread.is_alive():
             self.log("an in-flight checkpoint save was abandoned on the way out; the previous commit stays the newest")
 
-    def _run(self, name: str, model: dict, optim: dict, state: dict, final: bool, inflight: _InFlight) -> None:
+    def _run(self, name: str, snapshot: Callable[[], tuple[dict, dict]], state: dict, final: bool,
+             inflight: _InFlight) -> None:
         try:
+            model, optim = snapshot()
             self._attempts(name, model, optim, state, final, inflight)
+        except BaseException as e:  # noqa: BLE001 - the snapshot failed (a bug): re-raised by wait()
+            inflight.error = self.last_error = e
         finally:
+            inflight.snapshot.set()
             inflight.written.set()  # whatever happened: nobody may wait on it any longer
 
     def _attempts(self, name: str, model: dict, optim: dict, state: dict, final: bool, inflight: _InFlight) -> None:

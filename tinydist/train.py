@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import traceback
 
 from tinydist import config as config_lib
-from tinydist.augment import to_device, train_transform
+from tinydist.augment import augment
 from tinydist.cadence import SaveClock
 from tinydist.checkpoint import CheckpointError, Checkpointer
 from tinydist.config import Config, ConfigError, load_config
@@ -47,6 +47,7 @@ from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, ch
 from tinydist.notice import watch_in_background
 from tinydist.optim import build_optimizer, build_schedule
 from tinydist.peers import Peers, is_peer_failure
+from tinydist.prefetch import Prefetcher
 from tinydist.preempt import StopFlag
 from tinydist.resume import check_resume_state, resume_path
 from tinydist.retry import retry_storage
@@ -115,6 +116,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     checkpointer: Optional[Checkpointer] = None
     runlog: Optional[RunLog] = None
     progress: Optional[tqdm] = None
+    prefetch: Optional[Prefetcher] = None
     exit_code = EXIT_CRASH  # what the teardown reports if anything below raises
     try:
         # Data: decoded once per node, then memory-mapped by every rank.
@@ -224,11 +226,13 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                         mininterval=1 if sys.stderr.isatty() else 30)  # batch logs: a line per 30 s, not per step
         loss_sum = torch.zeros((), device=device)
         window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
+        prefetch = Prefetcher(train_data, sampler, step, last_step, device, cfg.train.seed, cfg.data.crop_scale,
+                              cfg.data.hflip)
         while step < last_step:
-            for micro in sampler.rank_micro_batches(step):
-                images, labels = to_device(train_data.gather(micro.indices), train_data.labels[micro.indices], device)
-                inputs = train_transform(images, cfg.train.seed, micro.epoch, micro.index, cfg.model.channels_last,
-                                         cfg.data.crop_scale, cfg.data.hflip)
+            for _ in range(sampler.accumulation):
+                micro = prefetch.next()  # gathered, copied and its crops drawn while the last one computed
+                labels = micro.labels
+                inputs = augment(micro.images, micro.theta, cfg.model.channels_last)
                 counts = micro.index % sampler.micro_batches_per_step == 0  # BN statistics: see model.py
                 with accelerator.accumulate(model):
                     if not counts:
@@ -240,6 +244,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                     accelerator.backward(loss)
                     if not counts:  # after the backward, which checks the buffers it saw are unchanged
                         bn_statistics.restore()
+                    if accelerator.sync_gradients:  # a save may still be copying what this step changes
+                        checkpointer.snapshot_barrier()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
@@ -281,6 +287,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 exit_code = EXIT_PREEMPTED
                 break
         progress.close()
+        prefetch.close()
 
         checkpointer.wait()
         if exit_code == EXIT_OK and accelerator.is_main_process:
@@ -295,6 +302,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         return exit_code
     finally:  # whatever escapes: handlers back, the save finished or abandoned, trackers and lease closed
         stop_watching()
+        if prefetch is not None:
+            prefetch.close()
         if own_stop:
             stop.restore()
         if progress is not None:

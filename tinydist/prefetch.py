@@ -1,0 +1,99 @@
+"""Input that is ready before the loop asks for it: the next micro-batches are gathered from the
+decoded cache, their crop parameters drawn, and everything copied to the device (pinned, non-blocking,
+on a side CUDA stream) by a thread, while the current micro-batch computes.
+
+What the loop then does per micro-batch on the device is the crop + flip + normalise (augment.py)
+and the model. The thread only reads: the cache, the sampler (pure functions of the step), and
+the seeded crop generator (a pure function of seed, epoch and micro-batch index), so the data a step
+sees is the same with or without it, on any device and after any resume.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
+
+import torch
+
+from tinydist.augment import batch_generator, crop_flip_params
+from tinydist.sampler import GlobalSampler
+
+
+class Ready(NamedTuple):
+    step: int  # the optimizer step this micro-batch belongs to
+    index: int  # its global micro-batch index (see sampler.py)
+    images: torch.Tensor  # (B, S, S, 3) uint8 on the device
+    labels: torch.Tensor  # (B,) int64 on the device
+    theta: torch.Tensor  # (B, 2, 3) crop + flip parameters on the device
+    ready: Optional[Any]  # CUDA event after which the copies are done; None on the CPU
+
+
+class Prefetcher:
+    """Iterate the micro-batches of this rank for steps [start, stop), `depth` micro-batches ahead."""
+
+    def __init__(self, data: Any, sampler: GlobalSampler, start: int, stop: int, device: torch.device, seed: int,
+                 crop_scale: Sequence[float], hflip: bool, depth: int = 2) -> None:
+        self.data, self.sampler, self.device = data, sampler, device
+        self.seed, self.scale, self.hflip = seed, (crop_scale[0], crop_scale[1]), hflip
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._produce, args=(start, stop), name="tinydist-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _load(self, step: int, micro: Any) -> Ready:
+        pixels, labels = self.data.gather(micro.indices), self.data.labels[micro.indices]
+        n, height, width, _ = pixels.shape
+        theta = crop_flip_params(n, height, width, batch_generator(self.seed, micro.epoch, micro.index),
+                                 self.scale, hflip=self.hflip)
+        host = (torch.from_numpy(pixels), torch.from_numpy(labels), theta)
+        if self._stream is None:
+            return Ready(step, micro.index, *host, None)
+        with torch.cuda.stream(self._stream):
+            images, targets, thetas = (t.pin_memory().to(self.device, non_blocking=True) for t in host)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return Ready(step, micro.index, images, targets, thetas, event)
+
+    def _produce(self, start: int, stop: int) -> None:
+        try:
+            for step in range(start, stop):
+                for micro in self.sampler.rank_micro_batches(step):
+                    item = self._load(step, micro)
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it where it waits
+            self._queue.put(e)
+
+    def next(self) -> Ready:
+        """The next micro-batch, in order; on a GPU the current stream waits for its copies, not the host."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item.ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(item.ready)
+            for tensor in (item.images, item.labels, item.theta):  # used on this stream: keep their memory
+                tensor.record_stream(stream)
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
+
+    def __iter__(self) -> Iterator[Ready]:
+        while True:
+            yield self.next()
