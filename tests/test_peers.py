@@ -21,7 +21,7 @@ import tinydist.train as train
 from tinydist.storage import Storage
 
 rank = int(os.environ.get("RANK", "0"))
-original_transform, original_write = train.train_transform, Storage.write
+original_transform, original_write = train.augment, Storage.write
 sent = []
 
 def transform(*args, **kwargs):
@@ -36,7 +36,7 @@ def write(self, name, data):
         os.kill(os.getpid(), signal.SIGKILL)
     return original_write(self, name, data)
 
-train.train_transform = transform
+train.augment = transform
 Storage.write = write
 sys.exit(train.main(sys.argv[1:]))
 '''

@@ -146,7 +146,7 @@ def send(s, why):
 
 
 if mode in ("transform", "double"):
-    original_transform = train.train_transform
+    original_transform = train.augment  # called once per micro-batch, on the loop's thread
 
     def train_transform(*args, **kwargs):
         state["transforms"] += 1
@@ -154,7 +154,7 @@ if mode in ("transform", "double"):
             send(sig, f"before micro-batch transform {plan['n']}")
         return original_transform(*args, **kwargs)
 
-    train.train_transform = train_transform
+    train.augment = train_transform
 
 if mode == "eval":
     original_evaluate = train.evaluate

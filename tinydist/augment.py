@@ -58,13 +58,25 @@ def crop_flip_params(n: int, height: int, width: int, generator: torch.Generator
     return theta
 
 
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalise_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: building them per batch was a pageable host-to-device copy, which makes
+    the host wait for the GPU to finish its queued work, every micro-batch."""
+    if device not in _CONSTANTS:
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        scale = 1.0 / (255.0 * std)
+        shift = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std
+        _CONSTANTS[device] = (scale.to(device), shift.to(device))
+    return _CONSTANTS[device]
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, contiguous, (x / 255 - mean) / std, in one pass.
     Normalising before the crop gives the same result (bilinear sampling with border padding
     commutes with a per-channel affine map) and lets one multiply-add also do the uint8 conversion."""
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    shift = -torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) / std
+    scale, shift = _normalise_constants(images.device)
     n, height, width, _ = images.shape
     out = torch.empty(n, 3, height, width, device=images.device)
     return torch.addcmul(shift, images.permute(0, 3, 1, 2), scale, out=out)
