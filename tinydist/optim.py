@@ -40,3 +40,29 @@ def build_schedule(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_ste
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+
+
+def apply_hyperparameters(cfg: OptimConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The config's hyper-parameters (momentum, weight decay, betas...) onto an optimizer whose groups
+    were just loaded from a checkpoint: the config a run records is the config in effect. Build the
+    schedule after this: learning rates are the schedule's (schedule_at)."""
+    fresh = build_optimizer(cfg, model)
+    for live, new in zip(optimizer.param_groups, fresh.param_groups):
+        for key in [k for k in live if k not in new]:  # a schedule's own keys (initial_lr, max_lr...):
+            del live[key]  # the schedule built next sets them from the config, not from the checkpoint
+        live.update({key: value for key, value in new.items() if key != "params"})
+
+
+def schedule_at(schedule: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Put a freshly built schedule (and its optimizer's learning rates) at `step`. Both schedules here
+    are closed-form in the step, so this gives exactly the rates that `step` calls of `.step()` would;
+    on resume it applies the config in effect (a new lr, epochs or warmup) from that step on."""
+    import warnings
+
+    schedule.last_epoch = step
+    with warnings.catch_warnings():  # get_lr() outside step() warns; here it is the point
+        warnings.simplefilter("ignore")
+        rates = schedule.get_lr()
+    for group, rate in zip(schedule.optimizer.param_groups, rates):
+        group["lr"] = rate
+    schedule._last_lr = list(rates)

@@ -24,25 +24,14 @@ def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
         if existing:
             raise ConfigError(f"checkpoint.resume=never but {config_lib.checkpoint_dir(cfg)} already holds "
                               f"{len(existing)} committed checkpoints (newest {existing[-1]}); they would be "
-                              "overwritten: choose another checkpoint.dir, delete them, or use checkpoint.resume=auto")
+                              "overwritten: start fresh with another checkpoint.dir (e.g. "
+                              f"--checkpoint.dir={config_lib.checkpoint_dir(cfg).rstrip('/')}-new), or continue "
+                              "them with checkpoint.resume=auto")
         return None
     return resume
 
 
-def _same_kind(fresh: Any, saved: Any) -> bool:
-    if isinstance(fresh, bool) or fresh is None or isinstance(fresh, str):
-        return type(saved) is type(fresh)
-    if isinstance(fresh, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
-    if isinstance(fresh, (list, tuple)):
-        return isinstance(saved, list) and len(saved) == len(fresh) and all(map(_same_kind, fresh, saved))
-    if isinstance(fresh, dict):
-        return isinstance(saved, dict) and set(saved) == set(fresh) and all(
-            _same_kind(fresh[k], saved[k]) for k in fresh)
-    return True  # anything else the schedule keeps is not ours to judge
-
-
-def check_resume_state(path: str, meta: dict, cfg: Config, schedule: Any, dataset_size: int) -> int:
+def check_resume_state(path: str, meta: dict, cfg: Config, dataset_size: int) -> int:
     """The step to resume at, after checking the loop's fields of state.json; CheckpointError (one line)
     for a checkpoint whose fields do not hold together, ConfigError for one this config cannot continue."""
     def bad(what: str, expected: str) -> CheckpointError:
@@ -57,11 +46,6 @@ def check_resume_state(path: str, meta: dict, cfg: Config, schedule: Any, datase
             "global_batch_size"):
         raise bad(f"global_batch_size {batch!r} (config says {saved_train.get('global_batch_size')!r})",
                   "one positive integer in both places")
-    if batch != cfg.train.global_batch_size or saved_train.get("seed") != cfg.train.seed:
-        raise ConfigError(f"{path} was trained with train.global_batch_size={batch} and train.seed="
-                          f"{saved_train.get('seed')}; this run has {cfg.train.global_batch_size} and "
-                          f"{cfg.train.seed}, and a resume must keep both: pass the saved values, or start a new run "
-                          "in another checkpoint.dir")
     if meta.get("samples") != step * batch:
         raise bad(f"samples {meta.get('samples')!r} at step {step}", f"step x global batch = {step * batch}")
     epoch = meta.get("epoch")
@@ -77,12 +61,39 @@ def check_resume_state(path: str, meta: dict, cfg: Config, schedule: Any, datase
             raise bad(f"step {step}", f"at most the {limit} steps its own config trains")
     if not isinstance(meta.get("wandb_run_id"), (str, type(None))):
         raise bad(f"wandb_run_id {meta.get('wandb_run_id')!r}", "a string or null")
-    saved_schedule, fresh = meta.get("schedule"), schedule.state_dict()
-    if not _same_kind(fresh, saved_schedule) or saved_schedule.get("last_epoch") != step:
-        last = saved_schedule.get("last_epoch") if isinstance(saved_schedule, dict) else saved_schedule
-        raise bad(f"learning-rate schedule state (last_epoch {last!r}) does not fit this schedule at step {step}",
-                  f"the keys and types of {type(schedule).__name__} with last_epoch = {step}")
-    schedule.load_state_dict(saved_schedule)
-    if not all(math.isfinite(lr) and lr >= 0 for lr in schedule.get_last_lr()):
-        raise bad(f"learning rates {schedule.get_last_lr()}", "finite rates >= 0")
+    saved_schedule = meta.get("schedule")
+    last = saved_schedule.get("last_epoch") if isinstance(saved_schedule, dict) else saved_schedule
+    if last != step:  # the rates themselves come from the config in effect (schedule_at), not from here
+        raise bad(f"learning-rate schedule state (last_epoch {last!r}) does not fit step {step}",
+                  f"last_epoch = {step}")
     return step
+
+
+# Settings a resume cannot change: they define which samples each step sees, or the model and
+# optimizer the saved tensors belong to. Everything else (learning rate, epochs, warmup, logging,
+# evaluation and save cadence, storage, timeouts...) applies from the resume step on.
+FIXED = ("train.global_batch_size", "train.seed", "data.source", "data.train_split", "data.image_size",
+         "data.max_train_samples", "model.stem", "model.extra_fc", "optim.name", "optim.schedule")
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(path: str, saved_config: dict, cfg: Config) -> list[str]:
+    """One line per setting that differs from the checkpoint's; ConfigError (one line, with a way forward
+    that works) for a setting that a resume cannot change."""
+    saved, now = _flat(saved_config), _flat(config_lib.to_dict(cfg))
+    changed = [(k, saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]]
+    for key, old, new in changed:
+        if key in FIXED:
+            raise ConfigError(f"{key}={new!r} but {path} was trained with {key}={old!r}, which a resume cannot "
+                              f"change; pass --{key}={old!r} to continue that run, or start a new run in another "
+                              f"checkpoint.dir (e.g. --checkpoint.dir={config_lib.checkpoint_dir(cfg).rstrip('/')}-new)")
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]

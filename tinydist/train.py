@@ -45,11 +45,11 @@ from tinydist.launch import record_exit_code
 from tinydist.lease import Lease
 from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.notice import watch_in_background
-from tinydist.optim import build_optimizer, build_schedule
+from tinydist.optim import apply_hyperparameters, build_optimizer, build_schedule, schedule_at
 from tinydist.peers import Peers, is_peer_failure
 from tinydist.prefetch import Prefetcher
 from tinydist.preempt import StopFlag
-from tinydist.resume import check_resume_state, resume_path
+from tinydist.resume import check_resume_state, config_changes, resume_path
 from tinydist.retry import retry_storage
 from tinydist.sampler import GlobalSampler
 from tinydist.storage import Storage, StorageError, StorageFullError
@@ -176,9 +176,16 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         path = resume_path(cfg, checkpointer)
         if path is not None:
             meta = checkpointer.load(path, bare_model, optimizer.optimizer)
-            step = check_resume_state(path, meta, cfg, schedule, len(train_data))
+            changes = config_changes(path, meta.get("config") or {}, cfg)  # refuses what a resume cannot change
+            step = check_resume_state(path, meta, cfg, len(train_data))
+            # The config in effect from here on: its hyper-parameters, and its schedule at this step.
+            apply_hyperparameters(cfg.optim, bare_model, optimizer.optimizer)
+            schedule = build_schedule(cfg.optim, optimizer.optimizer, total_steps, warmup_steps)
+            schedule_at(schedule, step)
             say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on "
                 f"{meta.get('device')})")
+            if changes:
+                say(f"config changed since that checkpoint, in effect from step {step}: " + "; ".join(changes))
         clock = SaveClock(cfg.checkpoint.every_minutes, cfg.checkpoint.mtbf_minutes, say)
         if clock.auto:
             clock.start(checkpointer.estimate_blocked_s(bare_model, optimizer.optimizer))
