@@ -62,6 +62,14 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def verdict(quick: bool, name: str, value: str, goal: str) -> str:
+    """A figure line's `-> ratio 4.8x (goal >= 5)` part; at --quick sizes the ratio means nothing, so it
+    is not printed as if it did."""
+    if quick:
+        return f"-> {name} not shown (quick sizes: ratios mean nothing)"
+    return f"-> {name} {value} (goal {goal})"
+
+
 def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, budget_s: float = 120.0) -> list[list[Any]]:
     """Each fn's results over up to `repeats` rounds, run in turn and in alternating order, so drift in
     the machine's load, and whatever one run leaves behind for the next, hit every fn alike. Rounds that
@@ -176,8 +184,9 @@ def bench_data(tmp: str, quick: bool, device: torch.device) -> None:
     repeats = len(t_ours)
     del loader  # stops the persistent workers
     ours_ips, seed_ips = (batch * batches / statistics.median(t) for t in (t_ours, t_seed))
-    print(f"data: tinydist {ours_ips:.0f} img/s vs per-image PIL pipeline {seed_ips:.0f} img/s -> ratio "
-          f"{ours_ips / seed_ips:.1f}x (goal >= 5) [batch {batch}, {n} 64x64 JPEGs, {device.type}; ours: uint8 cache "
+    ratio = verdict(quick, "ratio", f"{ours_ips / seed_ips:.1f}x", ">= 5")
+    print(f"data: tinydist {ours_ips:.0f} img/s vs per-image PIL pipeline {seed_ips:.0f} img/s "
+          f"{ratio} [batch {batch}, {n} 64x64 JPEGs, {device.type}; ours: uint8 cache "
           f"gather + to_device + train_transform, {torch.get_num_threads()} torch threads, one-off cache build "
           f"({build_s:.1f} s) excluded by design; baseline: DataLoader, {workers} workers; median of {repeats}]")
 
@@ -230,8 +239,9 @@ def bench_step(tmp: str, quick: bool, device: torch.device) -> None:
     results = interleaved(fns, pairs)
     (t_long, t_short, t_bare), pairs = map(statistics.median, results), len(results[0])
     ours, base = (t_long - t_short) / steps, t_bare / steps
-    print(f"step: tinydist loop {ours:.4f} s/step vs bare PyTorch loop {base:.4f} s/step -> overhead "
-          f"{100 * (ours / base - 1):+.1f}% (goal <= 3%) [micro {micro} x accumulation {accumulation}, {side}px, "
+    overhead = verdict(quick, "overhead", f"{100 * (ours / base - 1):+.1f}%", "<= 3%")
+    print(f"step: tinydist loop {ours:.4f} s/step vs bare PyTorch loop {base:.4f} s/step "
+          f"{overhead} [micro {micro} x accumulation {accumulation}, {side}px, "
           f"{cfg.model.stem} stem, {device.type}; ours = (T(train {long} steps) - T(train {short} steps)) / {steps}, "
           f"median of {pairs} each]")
 
@@ -295,8 +305,9 @@ def bench_checkpoint(tmp: str, quick: bool, device: torch.device) -> None:
         torch.set_num_threads(previous_threads)
     extra = statistics.median(w - o for w, o in zip(with_save, without))
     base = statistics.median(saved)
-    print(f"checkpoint: extra loop time per save {extra:.3f} s vs torch.save {base:.3f} s -> ratio "
-          f"{100 * extra / base:.1f}% (goal <= 10%) [{steps} training steps ({one_step:.3f} s each, {compute_threads} "
+    ratio = verdict(quick, "ratio", f"{100 * extra / base:.1f}%", "<= 10%")
+    print(f"checkpoint: extra loop time per save {extra:.3f} s vs torch.save {base:.3f} s "
+          f"{ratio} [{steps} training steps ({one_step:.3f} s each, {compute_threads} "
           f"compute thread(s)) with one save minus the same steps without, the save's writes and fsync included; "
           f"resnet18 cifar stem, 200 classes, model + SGD momentum = {nbytes / 1e6:.1f} MB on {device.type}; "
           f"median of {len(saved)}]")
@@ -354,9 +365,10 @@ def bench_resume(tmp: str, quick: bool, device: torch.device) -> None:
         launch(start)  # warm-up: the first interpreter start reads every import from disk
     results = interleaved([lambda: launch(start), lambda: launch(late)], repeats)
     (t_start, t_late), repeats = map(statistics.median, results), len(results[0])
+    ratio = verdict(quick, "ratio", f"{t_late / t_start:.3f}", "<= 1.1")
     print(f"resume: spawn to exit at 99% of an epoch (step {late}, epoch {sampler.epoch_at(late):.3f}) {t_late:.2f} s "
-          f"vs at an epoch start (step {start}, epoch {sampler.epoch_at(start):.3f}) {t_start:.2f} s -> ratio "
-          f"{t_late / t_start:.3f} (goal <= 1.1) [python -m tinydist.train: start-up, resume, 1 step, eval of "
+          f"vs at an epoch start (step {start}, epoch {sampler.epoch_at(start):.3f}) {t_start:.2f} s "
+          f"{ratio} [python -m tinydist.train: start-up, resume, 1 step, eval of "
           f"{cfg.data.max_val_samples} images, save, export; {per_epoch:.1f} steps per epoch; median of {repeats}]")
 
 

@@ -25,7 +25,7 @@ def young_daly_minutes(save_cost_s: float, mtbf_minutes: float) -> float:
 def parse_every_minutes(value: str) -> Optional[float]:
     """`off`/`0` -> None, `auto` -> nan (decided at run time), a positive number -> minutes; else ValueError."""
     text = str(value).strip().lower()
-    if text in ("off", "0", "0.0", "none", ""):
+    if text in ("off", "false", "0", "0.0", "none", ""):  # YAML reads a bare `off` as false
         return None
     if text == "auto":
         return math.nan

@@ -83,11 +83,13 @@ def open_source(source: str, split: str) -> Source:
 
 
 def _open_all(source: str) -> tuple[str, dict[str, Any]]:
-    import datasets
-
     if source == "digits":
         return "digits", digits_dataset()
     path = os.path.expanduser(source)
+    if not os.path.isdir(path):
+        _check_hub_id(source, path)  # what is not a folder must be a hub id; a missing path fails here, at once
+    import datasets
+
     if os.path.isdir(path):
         for root in (path, os.path.join(path, "tiny-imagenet-200")):
             if os.path.isfile(os.path.join(root, "wnids.txt")):
@@ -105,9 +107,6 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, FileNotFoundError) as e:
             raise DataError(f"data.source `{source}`: no dataset found in this folder ({_first_line(e)}); "
                             "expected the hub parquet layout, a save_to_disk folder or tiny-imagenet-200") from None
-    if not HUB_ID.match(source) or os.path.exists(path) or source.startswith((".", "/", "~")):
-        raise DataError(f"data.source `{source}`: no such folder; expected a local dataset folder, "
-                        "a hub id like zh-plus/tiny-imagenet, or `digits`")
     try:
         return "hub", dict(datasets.load_dataset(source))
     except Exception as e:  # sorted below; what is neither a network nor a data problem (a bug) is re-raised
@@ -124,6 +123,41 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
             raise DataError(f"cannot load `{source}` from the Hugging Face hub ({type(e).__name__}: "
                             f"{_first_line(e)}); {hint}") from None
         raise
+
+
+# Names that downloads unpack to: `something/<one of these>` is a local path, never a hub id.
+LOCAL_FOLDER_NAMES = ("tiny-imagenet-200",)
+
+
+def _check_hub_id(source: str, path: str) -> None:
+    """`source` is not a local folder: raise DataError unless it can only mean a hub id (owner/name).
+    A path that looks like one (`data/tiny-imagenet-200`) would otherwise cost the hub's retries and
+    end in advice to download what the user meant to point at."""
+    seps = tuple({"/", os.sep, os.altsep or "/"})
+    cwd = os.getcwd()
+    where = f" (relative to {cwd})" if not os.path.isabs(path) else (f" ({path})" if path != source else "")
+    if os.path.exists(path):
+        raise DataError(f"data.source `{source}`{where} is a file, not a folder; expected a dataset folder "
+                        "(unpack an archive first), a hub id like zh-plus/tiny-imagenet, or `digits`")
+    missing = f"data.source `{source}`: no such folder{where}"
+    if not any(sep in source for sep in seps):  # no separator: not a path, and not owner/name either
+        raise DataError(f"{missing}; expected a local dataset folder, a hub id (owner/name) like "
+                        "zh-plus/tiny-imagenet, or `digits`")
+    if source.startswith((".", "~") + seps):  # plainly a path
+        raise DataError(missing)
+    bare = source.rstrip("".join(seps))
+    if bare != source and HUB_ID.match(bare):
+        raise DataError(f"{missing}; a trailing `/` makes it a path: for the Hugging Face hub dataset, write `{bare}`")
+    if not HUB_ID.match(source):
+        raise DataError(f"{missing}; if you meant a Hugging Face hub dataset, `{source}` does not look like one: "
+                        "hub ids are owner/name, like zh-plus/tiny-imagenet")
+    first, last = source.split("/")  # owner/name, the only shape left
+    if os.path.isdir(first):
+        raise DataError(f"{missing}, though `{first}` is a folder there; if you meant the Hugging Face hub "
+                        f"dataset `{source}`, that local `{first}` folder makes it a path: run from another directory")
+    if last in LOCAL_FOLDER_NAMES:
+        raise DataError(f"{missing}; if you meant the Hugging Face hub dataset `{source}`, it does not look like one: "
+                        f"`{last}` is what tiny-imagenet-200.zip unpacks to (the hub copy is zh-plus/tiny-imagenet)")
 
 
 # How the HTTP clients under huggingface_hub / datasets / fsspec say "not reached" (connect errors,
@@ -438,13 +472,20 @@ def describe(cfg: DataConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tinydist.config import load_config
+    from tinydist.config import HelpRequested, help_text, load_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args
     try:
-        cfg = load_config([a for a in args if a != "--json"])
+        cfg = load_config([a for a in args if a != "--json"], prog="python -m tinydist.data")
         info = describe(cfg.data)
+    except HelpRequested:  # --help / -h: on stdout, exit 0
+        print(help_text("python -m tinydist.data", usage="python -m tinydist.data --config FILE "
+                        "[--section.key=VALUE ...] [--json]",
+                        about="Describe the data a config trains on: source kind, splits and rows, classes, "
+                              "grayscale count and decode cache (built on first use); --json: one JSON object. "
+                              "Only the [data] keys matter here."), end="")
+        return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -53,8 +53,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tinydist.data import load_split
     from tinydist.model import build_model
 
-    parser = argparse.ArgumentParser(prog="python -m tinydist.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (step-N) or an exported model folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m tinydist.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a checkpoint or an exported model: top-1, top-5 and loss on a split.",
+        usage="%(prog)s --checkpoint PATH [--split SPLIT] [--json] [--config FILE] [--section.key=VALUE ...]",
+        epilog="Any other argument is a config override (--config FILE, --section.key=VALUE, --section.key VALUE)\n"
+               "applied over the config saved with the checkpoint, e.g. --data.source=PATH.\n"
+               "Every config key, with its type, default and meaning:\n"
+               "    python -m tinydist.config --help")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint folder (step-N) or an exported model folder")
     parser.add_argument("--split", default=None, help="split to score (default: data.val_split)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = parser.parse_known_args(argv)

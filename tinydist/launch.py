@@ -37,8 +37,9 @@ from tinydist.preempt import SIGNALS
 EXIT_DIR_ENV = "TINYDIST_EXIT_DIR"
 
 
-def record_exit_code(code: int) -> None:
-    """Called by each training process on its way out, when launched through this module."""
+def record_exit_code(code: int, message: str = "") -> None:
+    """Called by each training process on its way out, when launched through this module: its code,
+    and its one-line error, which the launcher repeats last, after whatever torchrun printed."""
     folder = os.environ.get(EXIT_DIR_ENV)
     if not folder:
         return
@@ -47,7 +48,7 @@ def record_exit_code(code: int) -> None:
     path = os.path.join(folder, f"round{restart}-rank{os.environ.get('RANK', '0')}.code")
     try:
         with open(path + ".tmp", "w") as f:
-            f.write(f"{code}\n")
+            f.write(f"{code}\n{message}\n")
         os.replace(path + ".tmp", path)
     except OSError as e:  # bookkeeping must never turn a finished run into a crash
         print(f"tinydist.launch: cannot record exit code in {path}: {e.strerror}", file=sys.stderr)
@@ -87,14 +88,22 @@ def _forward(signum: int, frame: Any) -> None:
             pass
 
 
-def _recorded_codes(folder: str) -> list[int]:
-    """The exit codes of the last round of workers (the elastic agent may have restarted them), in rank order."""
+def _recorded(folder: str) -> list[tuple[int, str]]:
+    """(exit code, error line) of the last round of workers (the elastic agent may have restarted them),
+    in rank order."""
     found = [(int(m.group(1)), int(m.group(2)), p) for p in glob.glob(os.path.join(folder, "round*-rank*.code"))
              if (m := re.match(r"round(\d+)-rank(\d+)\.code$", os.path.basename(p)))]
     if not found:
         return []
-    last = max(round_ for round_, _, _ in found)
-    return [int(open(p).read()) for _, _, p in sorted(r for r in found if r[0] == last)]
+    last, out = max(round_ for round_, _, _ in found), []
+    for _, _, path in sorted(r for r in found if r[0] == last):
+        code, _, message = open(path).read().partition("\n")
+        out.append((int(code), message.strip()))
+    return out
+
+
+def _recorded_codes(folder: str) -> list[int]:
+    return [code for code, _ in _recorded(folder)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -130,9 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SignalException as e:  # torchrun was signalled; its ranks were told and have exited
         fallback = 128 + int(e.sigval)
     finally:
-        codes = _recorded_codes(folder)
+        recorded = _recorded(folder)
         shutil.rmtree(folder, ignore_errors=True)
-    code = group_exit_code(codes, fallback if fallback >= 0 else 128 - fallback)
+    code = group_exit_code([c for c, _ in recorded], fallback if fallback >= 0 else 128 - fallback)
+    # The run's own one-line error, last, below torchrun's tracebacks: the first rank that gave this code.
+    message = next((m for c, m in recorded if c == code and m), "")
+    if message:
+        print(message, file=sys.stderr)
     print(f"tinydist.launch: training exited with {code}", file=sys.stderr)
     return code
 

@@ -18,6 +18,7 @@ class StopFlag:
     def __init__(self, log: Any = print):
         self.signal_name: Optional[str] = None
         self.log = log
+        self._announce = False
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -25,10 +26,16 @@ class StopFlag:
 
     def request(self, reason: str) -> None:
         """Ask for a stop at the next step boundary, as a signal does (e.g. a cloud's preemption notice,
-        from a watcher thread). The first reason wins; later ones change nothing."""
+        from a watcher thread). The first reason wins; later ones change nothing. Said at the next
+        agreement, not here: a signal handler that prints could interrupt the progress bar mid-draw."""
         if self.signal_name is None:
             self.signal_name = reason
-            self.log(f"{reason} received: stopping at the next step boundary, after a checkpoint")
+            self._announce = True
+
+    def _announced(self) -> None:
+        if self._announce:
+            self._announce = False
+            self.log(f"{self.signal_name} received: stopping at the next step boundary, after a checkpoint")
 
     @property
     def requested(self) -> bool:
@@ -38,6 +45,7 @@ class StopFlag:
         """(any rank signalled, any rank reports `fault`, any rank says a save is `due`), the same on
         every rank: one collective over `peers` (peers.py: a CPU group, bounded wait), so call it on
         all ranks at the same point. Clocks differ between machines; the first to see a save due wins."""
+        self._announced()
         signalled, faulted, due_any = (bool(v) for v in peers.max([int(self.requested), int(fault), int(due)]))
         if signalled and self.signal_name is None:
             self.signal_name = "peer"

@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import fsspec
+
+INSTALL_HINT = "error: the report needs matplotlib: pip install -e '.[report]'"
+LOSS_KEYS = ("train/loss", "val/loss")
+# The loss axis spans every loss up to CLIP_FACTOR times a robust reference (the 95th percentile of
+# the train loss, or the median val loss if that is higher); a loss above is drawn off the top edge
+# and marked there. One wild early eval (BN statistics of a few steps) must not flatten the curves.
+CLIP_FACTOR = 10.0
+MAX_EVENT_LINES = 8  # events described one per line under the plots; more are summarised
+PREEMPTED, RESUMED, UNPAIRED = "tab:red", "tab:green", "tab:purple"
+# Red and green dashes that fill each other's gaps: a preemption and its resume at the same step read
+# as one red-green line, and each stays visible alone.
+PREEMPTED_DASHES, RESUMED_DASHES = (0, (5, 5)), (5, (5, 5))
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -25,38 +40,254 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def render(records: list[dict[str, Any]], out: str, title: str) -> None:
-    import matplotlib
+@dataclass
+class Stop:
+    """Where a run stopped and/or came back: a preempted event, the resumed event that follows it,
+    or a resumed event with no preemption before it (a hard kill, or a rerun of a finished run)."""
 
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    preempted: Optional[dict[str, Any]] = None
+    resumed: Optional[dict[str, Any]] = None
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    @property
+    def kind(self) -> str:
+        if self.preempted is None:
+            return "unpaired resume"
+        return "preempted" if self.resumed is None else "preempted+resumed"
+
+    @property
+    def epoch(self) -> float:
+        return (self.preempted or self.resumed or {}).get("epoch", 0.0)
+
+    @property
+    def same_place(self) -> bool:
+        return (self.preempted is not None and self.resumed is not None
+                and self.preempted.get("step") == self.resumed.get("step"))
+
+    def describe(self) -> str:
+        def where(r: dict[str, Any]) -> str:
+            return f"step {r.get('step', '?')} (epoch {r.get('epoch', 0.0):.4g})"
+
+        def back(r: dict[str, Any]) -> str:
+            return f"resumed on {r.get('world_size', '?')} proc. ({r.get('device', '?')})"
+
+        p, r = self.preempted, self.resumed
+        if p is None:
+            assert r is not None
+            return f"{where(r)}: {back(r)}, no preemption logged before it (after a hard kill, or a rerun)"
+        stopped = f"preempted ({p['signal']})" if p.get("signal") else "preempted"
+        if r is None:
+            return f"{where(p)}: {stopped}, not resumed (yet)"
+        if self.same_place:
+            return f"{where(p)}: {stopped}, {back(r)}"
+        return f"{where(p)}: {stopped}; {back(r)} at {where(r)}"
+
+
+def stops(records: list[dict[str, Any]]) -> list[Stop]:
+    """Events in file order; each resumed event answers the last preempted event not yet answered."""
+    found: list[Stop] = []
+    pending: Optional[Stop] = None
+    for record in records:
+        if record.get("event") == "preempted":
+            pending = Stop(preempted=record)
+            found.append(pending)
+        elif record.get("event") == "resumed":
+            if pending is not None:
+                pending.resumed, pending = record, None
+            else:
+                found.append(Stop(resumed=record))
+    return found
+
+
+def plural(n: int, word: str, many: Optional[str] = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def title_for(name: str, found: list[Stop]) -> str:
+    """'runs/demo (2 preemptions, 3 resumes: 1 after a kill or a rerun)': only preempted events count as
+    preemptions; a resume that follows none (a hard kill, or a rerun of a finished run) is said apart."""
+    preemptions = sum(s.preempted is not None for s in found)
+    resumes = sum(s.resumed is not None for s in found)
+    unpaired = sum(s.kind == "unpaired resume" for s in found)
+    counts = f"{plural(preemptions, 'preemption')}, {plural(resumes, 'resume')}"
+    if unpaired:
+        counts += f": {unpaired} after a kill or a rerun"
+    return f"{name} ({counts})"
+
+
+def loss_clip(records: list[dict[str, Any]]) -> tuple[Optional[float], list[dict[str, Any]]]:
+    """(threshold, losses above it) for the loss axis; (None, []) when nothing needs clipping."""
+    train = [r["train/loss"] for r in records if _finite_positive(r.get("train/loss"))]
+    val = [r["val/loss"] for r in records if _finite_positive(r.get("val/loss"))]
+    references = []
+    if train:
+        references.append(_percentile(train, 95))
+    if val:
+        references.append(statistics.median(val))
+    if not references:
+        return None, []
+    threshold = CLIP_FACTOR * max(references)
+    clipped = [{"key": key, "step": r.get("step"), "epoch": r["epoch"], "value": float(r[key])}
+               for r in records for key in LOSS_KEYS
+               if key in r and isinstance(r[key], (int, float)) and not r[key] <= threshold]  # NaN counts too
+    return threshold, clipped
+
+
+def _finite_positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q / 100
+    lo = math.floor(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
+
+
+def clip_notes(clipped: list[dict[str, Any]]) -> list[str]:
+    """'1 val loss above the axis (1047 at step 24)', one line per key; NaNs said apart."""
+    notes = []
+    for key in LOSS_KEYS:
+        name, names = key.replace("/", " "), key.replace("/", " ").replace("loss", "losses")
+        above = [c for c in clipped if c["key"] == key and not math.isnan(c["value"])]
+        nans = [c for c in clipped if c["key"] == key and math.isnan(c["value"])]
+        if above:
+            shown = ", ".join(f"{c['value']:.4g} at step {c['step']}" for c in above[:3])
+            more = f", {len(above) - 3} more" if len(above) > 3 else ""
+            notes.append(f"{plural(len(above), name, names)} above the axis ({shown}{more})")
+        if nans:
+            steps = ", ".join(str(c["step"]) for c in nans[:5]) + (", ..." if len(nans) > 5 else "")
+            notes.append(f"{plural(len(nans), name, names)} NaN, marked at the top edge (step {steps})")
+    return notes
+
+
+def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[str, Any]]:
+    """The picture as a matplotlib Figure (not drawn anywhere yet), and what it says:
+    {"title", "preemptions", "resumes", "unpaired_resumes", "stops": [str], "clipped": [...], "notes": [str],
+    "loss_ylim"}."""
+    from matplotlib.figure import Figure
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.lines import Line2D
+
+    found = stops(records)
+    threshold, clipped = loss_clip(records)
+    notes = clip_notes(clipped)
+    described = [s.describe() for s in found]
+    tagged = len(found) <= MAX_EVENT_LINES  # numbered tags above the plots, one footer line each
+    footer = [f"{i}: {d}" for i, d in enumerate(described, 1)] if tagged else [
+        f"{plural(len(found), 'stop')}, first {described[0]}; last {described[-1]}"]
+    footer += notes
+
+    fig = Figure(figsize=(11, 4.2))  # grown below once the legend rows and footer lines are known
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
         ax_loss.plot(*series(records, key), style, label=key, markersize=3)
     for key, style in (("val/top1", "o-"), ("val/top5", "s-")):
         ax_acc.plot(*series(records, key), style, label=key, markersize=3)
+    # A little headroom above 1: a top-5 curve at 1.0 is not hidden under the frame.
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    # Room above each axes for the event tags and clipped-loss values, between the frame and the title.
+    ax_loss.set_title("loss", pad=14)
+    ax_acc.set_title("validation accuracy", pad=14)
+    curve_handles: list[Any] = [*ax_loss.get_lines(), *ax_acc.get_lines()]
+    event_handles: list[Any] = []
+
+    if clipped:
+        assert threshold is not None
+        kept = [v for k in LOSS_KEYS for v in series(records, k)[1] if _finite_positive(v) and v <= threshold]
+        top = max(kept) * 1.6 if kept else threshold
+        bottom = min(kept) / 1.6 if kept else threshold / 100
+        ax_loss.set_ylim(bottom, top)
+        edge = ax_loss.get_xaxis_transform()  # x in epochs, y in axes fraction: 1 is the top edge
+        for c in clipped:
+            colour = ax_loss.get_lines()[LOSS_KEYS.index(c["key"])].get_color()
+            ax_loss.plot([c["epoch"]], [1.0], "^", color=colour, markersize=7, markeredgecolor="black",
+                         transform=edge, clip_on=False, zorder=5, gid="clipped-loss")
+            ax_loss.annotate(f"{c['value']:.4g}", (c["epoch"], 1.0), xycoords=edge, xytext=(6, 1),
+                             textcoords="offset points", ha="left", va="bottom", fontsize=7, color=colour,
+                             annotation_clip=False, gid="clipped-loss-value")
+        curve_handles.append(Line2D([], [], linestyle="none", marker="^", color="gray", markeredgecolor="black",
+                                    label="loss above the axis (below)"))
+
     # One continuous curve across restarts is the point; the marks show where the restarts were.
-    for record in records:
-        if record.get("event") == "preempted":
+    def vline(x: float, colour: str, dashes: Any, gid: str) -> None:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(x, color=colour, linestyle=dashes, linewidth=1.5, gid=gid)
+
+    for s in found:
+        if s.preempted is not None:
+            vline(s.preempted["epoch"], PREEMPTED, PREEMPTED_DASHES, "event-preempted")
+        if s.resumed is not None:
+            if s.preempted is None:
+                vline(s.resumed["epoch"], UNPAIRED, "-.", "event-resumed-unpaired")
+            else:
+                vline(s.resumed["epoch"], RESUMED, RESUMED_DASHES, "event-resumed")
+
+    def line(colour: str, dashes: Any, label: str = "") -> Any:
+        return Line2D([], [], color=colour, linestyle=dashes, linewidth=1.5, label=label)
+
+    apart = [s for s in found if s.kind == "preempted+resumed" and not s.same_place]
+    event_labels = []
+    if any(s.same_place for s in found):
+        event_handles.append((line(PREEMPTED, PREEMPTED_DASHES), line(RESUMED, RESUMED_DASHES)))
+        event_labels.append("preempted + resumed (same step)")
+    if apart or any(s.kind == "preempted" for s in found):
+        event_handles.append(line(PREEMPTED, PREEMPTED_DASHES))
+        event_labels.append("preempted")
+    if apart:
+        event_handles.append(line(RESUMED, RESUMED_DASHES))
+        event_labels.append("resumed")
+    if any(s.kind == "unpaired resume" for s in found):
+        event_handles.append(line(UNPAIRED, "-."))
+        event_labels.append("resumed, no preemption before it (a kill or a rerun)")
+
+    if tagged:  # numbered tags just above the frame: never on a curve; the footer says what each is
+        for i, s in enumerate(found, 1):
+            colour = UNPAIRED if s.preempted is None else PREEMPTED
             for ax in (ax_loss, ax_acc):
-                ax.axvline(record["epoch"], color="tab:red", linestyle="--", linewidth=1)
-        elif record.get("event") == "resumed":
-            for ax in (ax_loss, ax_acc):
-                ax.axvline(record["epoch"], color="tab:green", linestyle=":", linewidth=1.5)
-            ax_acc.annotate(f" resumed on {record.get('world_size', '?')} proc. ({record.get('device', '?')})",
-                            (record["epoch"], 0.98), rotation=90, va="top", fontsize=7, color="tab:green")
-    handles = [plt.Line2D([], [], color="tab:red", linestyle="--", label="preempted"),
-               plt.Line2D([], [], color="tab:green", linestyle=":", label="resumed")]
-    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="validation accuracy")
-    ax_loss.legend(handles=ax_loss.get_legend_handles_labels()[0] + handles, fontsize=8)
-    ax_acc.legend(handles=ax_acc.get_legend_handles_labels()[0] + handles, fontsize=8, loc="lower right")
+                ax.annotate(str(i), (s.epoch, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=7, color=colour,
+                            fontweight="bold", annotation_clip=False, gid="event-tag")
+
+    title = title_for(name, found)
     fig.suptitle(title)
-    fig.tight_layout()
+    # Inches, bottom up: the footer lines, the legend rows (curves; events), then the plots.
+    line_h, row_h, margin = 0.17, 0.26, 0.08
+    rows = [r for r in ((curve_handles, [h.get_label() for h in curve_handles]), (event_handles, event_labels)) if r[0]]
+    band = margin + line_h * len(footer) + row_h * len(rows)
+    fig.set_figheight(4.2 + band)
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, band / height, 1, 1))
+    y = band
+    for handles, labels in rows:
+        y -= row_h
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, y / height), ncol=len(handles),
+                   fontsize=8, frameon=False, borderaxespad=0, handlelength=3.2,
+                   handler_map={tuple: HandlerTuple(ndivide=None)})
+    for text in footer:
+        fig.text(0.02, y / height, text, fontsize=7.5, va="top", ha="left")
+        y -= line_h
+
+    summary = {
+        "title": title,
+        "preemptions": sum(s.preempted is not None for s in found),
+        "resumes": sum(s.resumed is not None for s in found),
+        "unpaired_resumes": sum(s.kind == "unpaired resume" for s in found),
+        "stops": described,
+        "clipped": clipped,
+        "notes": notes,
+        "loss_ylim": tuple(float(v) for v in ax_loss.get_ylim()),
+    }
+    return fig, summary
+
+
+def render(records: list[dict[str, Any]], out: str, name: str) -> dict[str, Any]:
+    """Writes the PNG; returns build_figure's summary."""
+    fig, summary = build_figure(records, name)
     with fsspec.open(out, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -65,13 +296,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
     try:
+        import matplotlib  # noqa: F401  (an optional dependency: say how to get it, not a traceback)
+    except ImportError as e:  # not installed; or installed but broken (then say why, on the same line)
+        missing = isinstance(e, ModuleNotFoundError) and e.name == "matplotlib"
+        print(INSTALL_HINT if missing else f"{INSTALL_HINT} (import matplotlib: {e})", file=sys.stderr)
+        return 2
+    try:
         records = read_metrics(args.run_dir)
     except FileNotFoundError:
         print(f"error: {args.run_dir}/metrics.jsonl not found; expected a run's train.output_dir", file=sys.stderr)
         return 2
     out = args.out or f"{args.run_dir.rstrip('/')}/curves.png"
-    stops = sum(r.get("event") == "preempted" for r in records)
-    render(records, out, f"{args.run_dir} ({stops} preemption{'s' if stops != 1 else ''})")
+    render(records, out, args.run_dir)
     print(out)
     return 0
 

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available
-from tqdm.auto import tqdm
 
 import traceback
 
@@ -35,13 +34,14 @@ from tinydist import config as config_lib
 from tinydist.augment import augment
 from tinydist.cadence import SaveClock
 from tinydist.checkpoint import CheckpointError, Checkpointer
-from tinydist.config import Config, ConfigError, load_config
+from tinydist.config import Config, ConfigError, HelpRequested, load_config
+from tinydist.console import Console
 from tinydist.data import load_split
 from tinydist.evaluate import evaluate
 from tinydist.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT, TransientError
 from tinydist.export import export_model
 from tinydist.hostmem import keep_freed_memory
-from tinydist.launch import record_exit_code
+from tinydist.launch import EXIT_DIR_ENV, record_exit_code
 from tinydist.lease import Lease
 from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.notice import watch_in_background
@@ -69,6 +69,26 @@ def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+
+
+def requested_processes() -> Optional[int]:
+    """The --num_processes that `accelerate launch` (our parent, for one process) was given, if any.
+    Without --multi_gpu it starts one process whatever that says, and nothing else would tell."""
+    if os.environ.get("WORLD_SIZE"):  # torchrun started us: the world is what was asked for
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any("accelerate" in os.path.basename(a) for a in argv[:3]):  # `accelerate launch`, `-m accelerate...`
+        return None
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
+            argv[i + 1] if arg == "--num_processes" and i + 1 < len(argv) else None)
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
 
 
 def claim_storage(cfg: Config, stop: StopFlag, peers: Peers, say: Any) -> Optional[Lease]:
@@ -100,9 +120,14 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     on the way out (torchrun's agent SIGTERMs the survivors of a lost rank) cannot kill us first."""
     keep_freed_memory()  # see hostmem.py: per-batch page faults otherwise dominate CPU-side work
     accelerator = make_accelerator(cfg)
-    say = accelerator.print
+    console = Console(accelerator.is_main_process, total=0, start=0)
+    say = console.say
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     say(f"tinydist: {world} process(es), device {device.type}, precision {accelerator.mixed_precision}")
+    asked = requested_processes()
+    if asked and asked > world:
+        say(f"warning: accelerate was asked for --num_processes {asked} but {world} process(es) formed: add "
+            "--multi_gpu (also on a CPU-only machine), or use launch/one_node.sh with NUM_GPUS")
     own_stop = stop is None
     stop = stop or StopFlag(log=say)
     stop.log = say
@@ -115,7 +140,6 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     lease: Optional[Lease] = None
     checkpointer: Optional[Checkpointer] = None
     runlog: Optional[RunLog] = None
-    progress: Optional[tqdm] = None
     prefetch: Optional[Prefetcher] = None
     exit_code = EXIT_CRASH  # what the teardown reports if anything below raises
     try:
@@ -228,9 +252,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
 
         # The loop: one optimizer step per iteration, `accumulation` micro-batches each.
         model.train()
-        progress = tqdm(total=last_step, initial=step, desc="train",
-                        disable=not accelerator.is_main_process or bool(os.environ.get("TQDM_DISABLE")),
-                        mininterval=1 if sys.stderr.isatty() else 30)  # batch logs: a line per 30 s, not per step
+        console.total, console._start_step, console._step = last_step, step, step
+        console.start_progress()  # a live bar in a terminal, a timestamped line per 30 s in a log file
         loss_sum = torch.zeros((), device=device)
         window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
         prefetch = Prefetcher(train_data, sampler, step, last_step, device, cfg.train.seed, cfg.data.crop_scale,
@@ -259,21 +282,22 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             schedule.step()
             step += 1
             window_steps += 1
-            progress.update(1)
 
             epoch_ended = math.floor(sampler.epoch_at(step)) > math.floor(sampler.epoch_at(step - 1))
             stopping, storage_down, clock_due = stop.agreed(peers, checkpointer.fault is not None, clock.due())
             if storage_down:  # saves have failed for checkpoint.max_outage_s: stop, relaunch later
                 raise checkpointer.fault or TransientError("a peer's checkpoint storage has been failing too long")
+            shown: dict[str, str] = {}
             if step % cfg.log.every_steps == 0 or step == last_step or stopping:
                 loss_mean = accelerator.reduce(loss_sum, "mean").item() / (window_steps * sampler.accumulation)
                 rate = window_steps * cfg.train.global_batch_size / (time.perf_counter() - window_start)
                 lr = schedule.get_last_lr()[0]
                 runlog.log({"train/loss": loss_mean, "train/lr": lr, "train/images_per_s": rate},
                            step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
-                progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                shown = {"loss": f"{loss_mean:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
                 loss_sum.zero_()
                 window_start, window_steps = time.perf_counter(), 0
+            console.progress(step, sampler.epoch_at(step), **shown)
             if epoch_ended or step == last_step or (cfg.train.eval_every_steps
                                                     and step % cfg.train.eval_every_steps == 0):
                 validate()
@@ -293,7 +317,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 say(f"stopped at step {step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
                 exit_code = EXIT_PREEMPTED
                 break
-        progress.close()
+        console.close()
         prefetch.close()
 
         checkpointer.wait()
@@ -313,8 +337,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             prefetch.close()
         if own_stop:
             stop.restore()
-        if progress is not None:
-            progress.close()
+        console.close()
         if checkpointer is not None:  # a lost peer's part file never comes: do not wait for it
             escaping = sys.exc_info()[1]
             checkpointer.close(abandon=escaping is not None and is_peer_failure(escaping))
@@ -339,22 +362,31 @@ def exit_code_for(error: Optional[BaseException]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    code = EXIT_CRASH
+    code, message = EXIT_CRASH, ""
     stop = StopFlag(log=lambda line: print(line, flush=True))
     try:
         code = train(load_config(sys.argv[1:] if argv is None else argv), stop)
+    except HelpRequested as e:  # --help / -h: every config key, on stdout; not a run
+        print(e.text, end="")
+        code = EXIT_OK
     except Exception as e:  # noqa: BLE001 - every failure gets a code from the contract, not a default
         code = exit_code_for(e)
         if code == EXIT_CRASH:
             traceback.print_exc()
+            message = f"error: crashed with {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         elif is_peer_failure(e) and not isinstance(e, TransientError):  # raised by a collective of the loop
-            print(f"error: a peer process was lost: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
-        elif os.environ.get("RANK", "0") == "0" or code == EXIT_TRANSIENT:  # the same on every rank: say it once
-            print(f"error: {e}", file=sys.stderr)
+            message = f"error: a peer process was lost: {str(e).strip().splitlines()[0][:300]}"
+        else:
+            message = f"error: {e}"
+        if code != EXIT_CRASH and (os.environ.get("RANK", "0") == "0" or code == EXIT_TRANSIENT):
+            print(message, file=sys.stderr)  # the same on every rank: said once
         if code == EXIT_TRANSIENT:
             print(f"exit {EXIT_TRANSIENT} (transient): a relaunch after a pause can succeed", file=sys.stderr)
+        if not os.environ.get(EXIT_DIR_ENV) and os.environ.get("ACCELERATE_MIXED_PRECISION") is not None:
+            print(f"note: `accelerate launch` reports exit {code} as 1 and prints its own traceback below this; "
+                  "`tinydist-launch` (the same flags) keeps the code and ends with the error", file=sys.stderr)
     finally:
-        record_exit_code(code)  # for `python -m tinydist.launch`: accelerate launch would say 1
+        record_exit_code(code, message)  # for `python -m tinydist.launch`: accelerate launch would say 1
         stop.restore()
     return code
 
