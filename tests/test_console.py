@@ -66,3 +66,16 @@ def test_warns_when_accelerate_formed_fewer_processes_than_asked(tmp_path, cache
     assert result.returncode == 0, describe(result)
     assert "warning: accelerate was asked for --num_processes 2 but 1 process(es) formed: add --multi_gpu" \
         in result.stdout, describe(result)
+
+
+def test_main_command_offline_ends_with_tinydists_message_in_seconds(tmp_path):
+    from faultinject import free_port
+
+    env = train_env({"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, unset=["HF_HUB_OFFLINE"])  # nobody there
+    cmd = [PYTHON, "-m", "tinydist.train", "--config", "configs/tiny_imagenet_resnet18.yaml",
+           f"--train.output_dir={tmp_path / 'out'}", f"--data.cache_dir={tmp_path / 'cache'}"]
+    result = run(cmd, env, timeout=120)
+    assert result.returncode == 69, describe(result)
+    last = result.stderr.strip().splitlines()[-2:]
+    assert last[0].startswith("error: cannot reach the Hugging Face hub for `zh-plus/tiny-imagenet`"), last
+    assert "configs/smoke.yaml" in last[0] and "Retrying" not in result.stderr

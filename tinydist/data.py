@@ -107,6 +107,12 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, FileNotFoundError) as e:
             raise DataError(f"data.source `{source}`: no dataset found in this folder ({_first_line(e)}); "
                             "expected the hub parquet layout, a save_to_disk folder or tiny-imagenet-200") from None
+    unreachable = _hub_unreachable_now()
+    if unreachable:
+        raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({unreachable}); download it where "
+                             "the hub is reachable (datasets' save_to_disk, the parquet files, or tiny-imagenet-200.zip "
+                             "unpacked) and set data.source to that folder, or try offline with --config "
+                             "configs/smoke.yaml")
     try:
         return "hub", dict(datasets.load_dataset(source))
     except Exception as e:  # sorted below; what is neither a network nor a data problem (a bug) is re-raised
@@ -184,6 +190,25 @@ def _hub_unreachable(error: BaseException) -> bool:
         seen.append(error)
         error = error.__cause__ or error.__context__
     return False
+
+
+def _hub_unreachable_now(timeout_s: float = 3.0) -> str:
+    """Why the hub cannot be reached at all (DNS, no route), found in seconds; "" if it may be. Without
+    this, an offline start spends ~30 s in huggingface_hub's retries before saying the same. Skipped
+    behind a proxy (a direct connection proves nothing there) and in offline mode (datasets decides)."""
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or any(
+            os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{type(e).__name__} connecting to {host}:{port}: {e}"
+    return ""
 
 
 def _first_line(e: BaseException) -> str:
