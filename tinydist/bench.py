@@ -1,6 +1,6 @@
 """Each figure of tinydist as a ratio against a baseline timed in the same run on the same machine.
 
-    python -m tinydist.bench {data,step,checkpoint,resume,all} [--quick]
+    python -m tinydist.bench {data,step,checkpoint,resume,gpu,all} [--quick]
 
 Absolute timings say little across machines; a ratio against a baseline timed in the same run,
 interleaved with ours, does. No timing is asserted: each line prints its goal for a human, exit 0.
@@ -39,6 +39,7 @@ from torchvision import transforms as T
 
 from tinydist import config as config_lib
 from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, to_device, train_transform
+from tinydist.bench_gpu import bench_gpu
 from tinydist.checkpoint import Checkpointer
 from tinydist.hostmem import keep_freed_memory
 from tinydist.data import load_split
@@ -373,7 +374,8 @@ def bench_resume(tmp: str, quick: bool, device: torch.device) -> None:
 
 
 FIGURES: dict[str, Callable[[str, bool, torch.device], None]] = {
-    "data": bench_data, "step": bench_step, "checkpoint": bench_checkpoint, "resume": bench_resume}
+    "data": bench_data, "step": bench_step, "checkpoint": bench_checkpoint, "resume": bench_resume,
+    "gpu": bench_gpu}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

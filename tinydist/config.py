@@ -309,6 +309,10 @@ def get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
+    for key in ("checkpoint.every_minutes", "preemption.notice"):  # YAML reads a bare `off` as false
+        section, name = key.split(".")
+        if str(get(cfg, key)).strip().lower() == "false":
+            setattr(getattr(cfg, section), name, "off")
     for key, allowed in CHOICES.items():
         if get(cfg, key) not in allowed:
             raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected one of {', '.join(allowed)}")
@@ -336,8 +340,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
     from tinydist.cadence import parse_every_minutes  # no torch there either
 
-    if str(cfg.checkpoint.every_minutes).strip().lower() == "false":  # YAML's reading of a bare `off`
-        cfg.checkpoint.every_minutes = "off"
     try:
         parse_every_minutes(cfg.checkpoint.every_minutes)
     except ValueError:

@@ -1,6 +1,7 @@
-"""Input that is ready before the loop asks for it: the next micro-batches are gathered from the
-decoded cache, their crop parameters drawn, and everything copied to the device (pinned, non-blocking,
-on a side CUDA stream) by a thread, while the current micro-batch computes.
+"""Input that is ready before the loop asks for it: on a GPU the next micro-batches are gathered from
+the decoded cache, their crop parameters drawn, and everything copied to the device (pinned,
+non-blocking, on a side CUDA stream) by a thread, while the current micro-batch computes. On the CPU
+the same steps run in line (a thread there competes with the compute for the same cores).
 
 What the loop then does per micro-batch on the device is the crop + flip + normalise (augment.py)
 and the model. The thread only reads: the cache, the sampler (pure functions of the step), and
@@ -39,9 +40,16 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._produce, args=(start, stop), name="tinydist-prefetch",
-                                        daemon=True)
-        self._thread.start()
+        # On a GPU the host is idle while the device computes: preparing ahead is free. On the CPU the
+        # thread would take cores (and the GIL) from the compute itself: measured slower, so there the
+        # same work is done in line, when the loop asks.
+        self._inline = self._stream is None
+        self._pending = self._items(start, stop) if self._inline else None
+        self._thread = None
+        if not self._inline:
+            self._thread = threading.Thread(target=self._produce, args=(start, stop), name="tinydist-prefetch",
+                                            daemon=True)
+            self._thread.start()
 
     def _load(self, step: int, micro: Any) -> Ready:
         pixels, labels = self.data.gather(micro.indices), self.data.labels[micro.indices]
@@ -57,24 +65,29 @@ class Prefetcher:
             event.record(self._stream)
         return Ready(step, micro.index, images, targets, thetas, event)
 
+    def _items(self, start: int, stop: int) -> Iterator[Ready]:
+        for step in range(start, stop):
+            for micro in self.sampler.rank_micro_batches(step):
+                yield self._load(step, micro)
+
     def _produce(self, start: int, stop: int) -> None:
         try:
-            for step in range(start, stop):
-                for micro in self.sampler.rank_micro_batches(step):
-                    item = self._load(step, micro)
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
+            for item in self._items(start, stop):
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
         except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it where it waits
             self._queue.put(e)
 
     def next(self) -> Ready:
         """The next micro-batch, in order; on a GPU the current stream waits for its copies, not the host."""
+        if self._pending is not None:
+            return next(self._pending)
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -87,6 +100,8 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
+        if self._thread is None:
+            return
         while True:  # unblock a producer waiting on a full queue
             try:
                 self._queue.get_nowait()
