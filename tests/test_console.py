@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 from contextlib import redirect_stdout
 
 from tinydist.console import Console

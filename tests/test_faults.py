@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from faultinject import S3_ENV_UNSET, TcpProxy, make_bucket, moto_server, s3_env, tmpfs
-from train_helpers import (PYTHON, REPO, describe, load_model_dir, run, run_train, tiny_args, train_command,
+from train_helpers import (PYTHON, REPO, describe, load_model_dir, run_train, tiny_args, train_command,
                            train_env)
 
 STEPS = {"train__max_steps": 12, "checkpoint__every_steps": 2}

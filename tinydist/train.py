@@ -52,7 +52,7 @@ from tinydist.preempt import StopFlag
 from tinydist.resume import check_resume_state, config_changes, resume_path
 from tinydist.retry import retry_storage
 from tinydist.sampler import GlobalSampler
-from tinydist.storage import Storage, StorageError, StorageFullError
+from tinydist.storage import Storage, StorageFullError
 from tinydist.tracking import RunLog, local_staging_dir
 
 
