@@ -51,7 +51,7 @@ def test_same_machine_live_holder_is_refused_at_once(tmp_path):
         start = time.monotonic()
         with pytest.raises(LeaseHeldError) as err:
             Lease(storage, "runs/second", ttl_s=30, log=Logs(), settle_s=0.01).acquire()
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 15  # at once, not after the 30 s ttl
         message = str(err.value)
         assert "\n" not in message and "runs/first" in message and f"pid {os.getpid()}" in message
     finally:
@@ -69,7 +69,7 @@ def test_same_machine_dead_holder_is_taken_over_at_once(tmp_path):
     start = time.monotonic()
     lease = Lease(storage, "runs/new", ttl_s=30, log=logs, settle_s=0.01)
     lease.acquire()
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # at once, not after the 30 s ttl
     assert any("taking over" in line and "runs/old" in line for line in logs)
     assert json.loads(storage.read(LEASE))["run"] == "runs/new"
     lease.release()
@@ -81,7 +81,7 @@ def test_other_machine_long_silent_is_taken_over_at_once(tmp_path):
     start = time.monotonic()
     lease = Lease(storage, "runs/new", ttl_s=30, log=Logs(), settle_s=0.01)
     lease.acquire()
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # at once, not after the 30 s ttl
     lease.release()
 
 
@@ -91,7 +91,7 @@ def test_other_machine_that_stops_beating_is_taken_over_after_one_ttl(tmp_path):
     start = time.monotonic()
     lease = Lease(storage, "runs/new", ttl_s=1.0, log=Logs(), settle_s=0.01)
     lease.acquire()
-    assert 1.0 <= time.monotonic() - start < 10
+    assert 1.0 <= time.monotonic() - start < 25  # one ttl, not forever
     lease.release()
 
 

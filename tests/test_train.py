@@ -274,7 +274,9 @@ def test_batch_arithmetic_two_processes_names_fitting_micro_batches(cache_dir, t
     result = run_train(args, nprocs=2, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 2, describe(result)
     errors = error_lines(result.stderr)
-    assert len(errors) == 1, f"expected the error once (rank 0 speaks): {describe(result)}"
+    # Rank 0 says it once, and the launcher repeats it as its last words, below torchrun's output.
+    assert len(errors) == 2 and errors[0] == errors[1], f"expected rank 0's error and its repeat: {describe(result)}"
+    assert result.stderr.strip().splitlines()[-2] == errors[1]
     assert "2 processes" in errors[0] and re.search(r"\b1, 2, 4, 8\b", errors[0]), errors[0]
     assert committed_checkpoints(out) == []
 

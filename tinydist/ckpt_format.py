@@ -84,6 +84,35 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# ---- writing a safetensors file without copying it -------------------------------------------------
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> list[Any]:
+    """A safetensors file as a header plus one zero-copy view per tensor (contiguous CPU tensors), for
+    writing and hashing piece by piece. `safetensors.torch.save` builds the whole file as one bytes
+    object first: a second copy of every checkpoint, made holding the GIL, which stalls the loop's
+    thread while a background save runs. The format: an 8-byte little-endian header length, the JSON
+    header (names -> dtype, shape, byte offsets) padded with spaces to 8 bytes, then the data."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    views, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _DTYPES:
+            raise ValueError(f"tensor {name}: {t.dtype} on {t.device}; expected a contiguous CPU tensor")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        if size:
+            views.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [len(text).to_bytes(8, "little") + text, *views]
+
+
 # ---- optimizer state <-> tensors + JSON ----------------------------------------------------------------
 
 def flatten_optimizer(where: str, model: torch.nn.Module,

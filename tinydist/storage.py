@@ -151,19 +151,22 @@ class Storage:
             with self.faults(f"creating {self.show(name)}"):
                 self.fs.makedirs(self.path(name), exist_ok=True)
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: Any) -> None:
         """Write one file whole: temp + fsync + atomic rename locally (a failed write leaves nothing),
-        a single put on object stores (atomic there by nature)."""
+        a single put on object stores (atomic there by nature). `data` is bytes, or a list of
+        bytes-like parts written one after the other (no joined copy on a local disk)."""
+        parts = data if isinstance(data, list) else [data]
         with self.faults(f"writing {self.show(name)}"):
             if not self.local:
-                self.fs.pipe_file(self.path(name), data)
+                self.fs.pipe_file(self.path(name), parts[0] if len(parts) == 1 else b"".join(parts))
                 return
             path = self.path(name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}{TMP_TAG}{os.getpid()}-{threading.get_ident()}"
             try:
                 with open(tmp, "wb") as f:
-                    f.write(data)
+                    for part in parts:
+                        f.write(part)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
