@@ -3,10 +3,7 @@ at once, not after torchrun's shutdown timeout (170 s) or a 30-minute commit wai
 
 from __future__ import annotations
 
-import json
-import time
 
-import pytest
 
 from tinydist.exitcodes import EXIT_TRANSIENT
 from tinydist.peers import PeerLostError, Peers, is_peer_failure
@@ -47,9 +44,7 @@ def test_peer_killed_during_the_final_save_is_transient_at_once(tmp_path, cache_
     driver.write_text(DRIVER)
     out = tmp_path / "out"
     args = tiny_args(cache_dir, str(out), train__max_steps=8, train__peer_timeout_s=120)
-    started = time.monotonic()
     result = run(train_command(args, nprocs=2, script=str(driver)), train_env(), timeout=300)
-    elapsed = time.monotonic() - started
     assert "driver: rank 1 killed while writing" in result.stdout, describe(result)
     assert result.returncode == EXIT_TRANSIENT, describe(result)
     assert "2 process(es)" in result.stdout, describe(result)
@@ -57,7 +52,8 @@ def test_peer_killed_during_the_final_save_is_transient_at_once(tmp_path, cache_
     assert lost and "step-00000001" in lost[0] and "rank(s) [1]" in lost[0], describe(result)
     assert "tinydist.launch: training exited with 69" in result.stderr
     assert not (out / "checkpoints" / "step-00000001" / "COMMITTED").exists()
-    assert elapsed < 120, elapsed  # found dead by the barrier, well within train.peer_timeout_s
+    # Found dead by the barrier (gloo's closed connection), not by waiting out train.peer_timeout_s.
+    assert "Connection closed by peer" in lost[0] and "timed out" not in lost[0].lower(), lost[0]
 
 
 def test_peer_failure_messages_are_recognised():
