@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tinydist import config as config_lib
+from tinydist.config import DEFAULT_MAX_SHARD_SIZE
 from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, augment, batch_generator, crop_flip_params
 from tinydist.checkpoint import Checkpointer
 from tinydist.data import load_split
@@ -373,7 +374,7 @@ def bench_checkpoint_stall(tmp: str, sizes: Sizes, device: torch.device, where: 
     create_momentum(model, optimizer)
     buffers = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     nbytes = sum(t.numel() * t.element_size() for t in [*model.state_dict().values(), *buffers])
-    checkpointer = Checkpointer(os.path.join(tmp, "gpu-checkpoints"), keep_last=2, max_shard_size="10MB",
+    checkpointer = Checkpointer(os.path.join(tmp, "gpu-checkpoints"), keep_last=2, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
                                 log=lambda _: None)
     path, names = os.path.join(tmp, "gpu-baseline.pt"), iter(range(1, 10**6))
     side = sizes.image_size

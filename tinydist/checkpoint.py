@@ -37,7 +37,8 @@ from tinydist.lease import Lease
 from tinydist.peers import Peers
 from tinydist.storage import TMP_TAG, Storage, StorageError, StorageFullError, megabytes, parse_size
 
-DEFAULT_MAX_SHARD_SIZE = "10MB"
+from tinydist.config import DEFAULT_MAX_SHARD_SIZE
+
 __all__ = ["Checkpointer", "CheckpointError", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
 
 

@@ -28,6 +28,13 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# Pure helpers (no torch): loading and checking a config must not import the training stack.
+from tinydist.cadence import parse_every_minutes
+from tinydist.storage import parse_size
+
+# The one source of this default (checkpoints, the export and the config all use it).
+DEFAULT_MAX_SHARD_SIZE = "10MB"
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line, fit to show the user as is."""
@@ -102,6 +109,47 @@ class OptimConfig:
 
 
 @dataclass
+class MixConfig:
+    # MixUp: images and targets blended with weight ~ Beta(alpha, alpha); 0 = off (timm recipes: 0.1-0.8).
+    mixup_alpha: float = 0.0
+    # CutMix: a box of area ~ Beta(alpha, alpha) pasted from another image, targets by area; 0 = off (1.0 usual).
+    cutmix_alpha: float = 0.0
+    # Probability that a micro-batch is mixed at all.
+    prob: float = 1.0
+    # With both on: probability that a mixed micro-batch uses CutMix rather than MixUp.
+    switch_prob: float = 0.5
+
+
+@dataclass
+class EmaConfig:
+    # Keep an exponential moving average of the weights: validated as val_ema/*, saved, exportable.
+    enabled: bool = False
+    # Decay per optimizer step once warmed up (timm's ModelEmaV3; 0.9998 ~ a 5000-step window).
+    decay: float = 0.9998
+    # Warm-up: the decay at step t is min(decay, 1 - (1 + t) ** -warmup_power), so early weights fade
+    # fast; 0 = no warm-up. timm: 2/3 for long runs, 3/4 for short ones.
+    warmup_power: float = 0.75
+
+
+@dataclass
+class EvalConfig:
+    # Before each validation and the export, recompute BN statistics over this many fixed training images
+    # (PreciseBN): running averages lag the weights at high learning rates. 0 = keep the running ones.
+    precise_bn_images: int = 4096
+    # Also score the mirrored images and average the logits, logged as val/top1_flip (and val_ema/top1_flip).
+    flip_tta: bool = False
+
+
+@dataclass
+class ExportConfig:
+    # Which weights `{train.output_dir}/model` gets: `last` (the end of training) or `best` (the committed
+    # checkpoint with the best `checkpoint.best_metric`).
+    select: str = "last"
+    # `raw` weights or their `ema` (needs ema.enabled).
+    weights: str = "raw"
+
+
+@dataclass
 class TrainConfig:
     # Length of the schedule in epochs.
     epochs: float = 100.0
@@ -137,8 +185,11 @@ class CheckpointConfig:
     mtbf_minutes: float = 60.0
     # Committed checkpoints to keep; older ones are deleted after a newer one is committed.
     keep_last: int = 2
+    # Also keep the committed checkpoint with the best value of this validation metric (higher is
+    # better), e.g. `val/top1` or `val_ema/top1`; `none` = keep only the last ones.
+    best_metric: str = "val/top1"
     # Largest safetensors shard, e.g. `10MB`.
-    max_shard_size: str = "10MB"
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
     # `auto`: newest committed checkpoint in `dir` if any; `never`: start fresh; or a checkpoint path.
     resume: str = "auto"
     # Storage faults are retried (training goes on); stop with the transient exit code (69) only when no
@@ -181,6 +232,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
@@ -192,10 +247,26 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "onecycle"),
     "preemption.notice": ("off", "auto", "aws", "gcp", "azure"),
+    "export.select": ("last", "best"),
+    "export.weights": ("raw", "ema"),
 }
 TRACKERS = ("wandb", "tensorboard")
 POSITIVE = ("data.image_size", "train.global_batch_size", "train.micro_batch_size",
             "train.eval_batch_size", "log.every_steps", "checkpoint.keep_last")
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """global / (micro x world), or a one-line error saying which micro batch sizes would work.
+    Here, not in sampler.py, so that checking a config needs no torch or numpy."""
+    if global_batch % (micro_batch * world_size):
+        fits = [m for m in range(1, global_batch // world_size + 1) if global_batch % (m * world_size) == 0]
+        # With no fitting size, an empty list after a colon would read as a truncated message.
+        hint = (f"micro batch sizes that keep it on {world_size} processes: {', '.join(map(str, fits[-8:]))}" if fits
+                else f"no micro batch size fits {world_size} processes: it must be a multiple of the process count")
+        raise ConfigError(
+            f"train.global_batch_size {global_batch} is not a multiple of train.micro_batch_size {micro_batch} "
+            f"x {world_size} processes; {hint}")
+    return global_batch // (micro_batch * world_size)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -322,14 +393,10 @@ def validate(cfg: Config) -> None:
     for tracker in cfg.log.report_to:
         if tracker not in TRACKERS:
             raise ConfigError(f"bad value in `log.report_to`: {tracker!r}; expected any of {', '.join(TRACKERS)}")
-    from tinydist.sampler import accumulation_steps
-
     accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)  # names sizes that would work
     low, high = (cfg.data.crop_scale + [0.0, 0.0])[:2]
     if len(cfg.data.crop_scale) != 2 or not 0 < low <= high <= 1:
         raise ConfigError(f"bad value for `data.crop_scale`: {cfg.data.crop_scale}; expected [low, high] with 0 < low <= high <= 1")
-    from tinydist.storage import parse_size  # storage.py does not import torch; a config alone should not
-
     try:
         parse_size(cfg.checkpoint.max_shard_size)
     except ValueError as e:
@@ -338,8 +405,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
-    from tinydist.cadence import parse_every_minutes  # no torch there either
-
     try:
         parse_every_minutes(cfg.checkpoint.every_minutes)
     except ValueError:
@@ -356,6 +421,23 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a number of seconds >= 0")
     if cfg.optim.lr <= 0 or cfg.train.epochs <= 0:
         raise ConfigError("`optim.lr` and `train.epochs` must be positive")
+    for key in ("mix.mixup_alpha", "mix.cutmix_alpha", "eval.precise_bn_images"):
+        if not get(cfg, key) >= 0:
+            raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a number >= 0 (0 = off)")
+    for key in ("mix.prob", "mix.switch_prob"):
+        if not 0 <= get(cfg, key) <= 1:
+            raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a probability in [0, 1]")
+    if not 0 < cfg.ema.decay < 1 or not cfg.ema.warmup_power >= 0:
+        raise ConfigError(f"bad value for `ema.decay` / `ema.warmup_power`: {cfg.ema.decay!r} / "
+                          f"{cfg.ema.warmup_power!r}; expected 0 < decay < 1 and warmup_power >= 0")
+    if cfg.export.weights == "ema" and not cfg.ema.enabled:
+        raise ConfigError("export.weights=ema but ema.enabled=false; set --ema.enabled=true or --export.weights=raw")
+    if cfg.export.select == "best" and cfg.checkpoint.best_metric == "none":
+        raise ConfigError("export.select=best but checkpoint.best_metric=none; name a metric "
+                          "(e.g. --checkpoint.best_metric=val/top1) or use --export.select=last")
+    if cfg.checkpoint.best_metric.startswith("val_ema/") and not cfg.ema.enabled:
+        raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} but ema.enabled=false; "
+                          "use val/top1 or --ema.enabled=true")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,26 +18,13 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from tinydist.config import ConfigError
+from tinydist.config import ConfigError, accumulation_steps  # noqa: F401 - re-exported
 
 
 class MicroBatch(NamedTuple):
     index: int  # global micro-batch index: step * micro_batches_per_step + m
     epoch: int  # epoch of its first image
     indices: np.ndarray  # dataset rows
-
-
-def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """global / (micro x world), or a one-line error saying which micro batch sizes would work."""
-    if global_batch % (micro_batch * world_size):
-        fits = [m for m in range(1, global_batch // world_size + 1) if global_batch % (m * world_size) == 0]
-        # With no fitting size, an empty list after a colon would read as a truncated message.
-        hint = (f"micro batch sizes that keep it on {world_size} processes: {', '.join(map(str, fits[-8:]))}" if fits
-                else f"no micro batch size fits {world_size} processes: it must be a multiple of the process count")
-        raise ConfigError(
-            f"train.global_batch_size {global_batch} is not a multiple of train.micro_batch_size {micro_batch} "
-            f"x {world_size} processes; {hint}")
-    return global_batch // (micro_batch * world_size)
 
 
 class GlobalSampler:
