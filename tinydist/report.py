@@ -290,6 +290,27 @@ def render(records: list[dict[str, Any]], out: str, name: str) -> dict[str, Any]
     return summary
 
 
+def curves_png(run_dir: str) -> Optional[bytes]:
+    """The run's curves as PNG bytes, for the exported model's card: drawn afresh from metrics.jsonl when
+    matplotlib is installed, else the run's curves.png if one was drawn before, else None. Never raises
+    for a missing plotting library or metrics file: the export must not fail for a picture."""
+    import io
+
+    run_dir = run_dir.rstrip("/")
+    try:
+        fig, _ = build_figure(read_metrics(run_dir), run_dir)
+        out = io.BytesIO()
+        fig.savefig(out, format="png", dpi=110)
+        return out.getvalue()
+    except (ImportError, FileNotFoundError, ValueError):  # no matplotlib, no metrics, nothing to plot
+        pass
+    try:
+        with fsspec.open(f"{run_dir}/curves.png", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tinydist.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run's train.output_dir (holds metrics.jsonl)")
