@@ -11,21 +11,19 @@ import io
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fixtures import CLASSES, WORDS, build_tiny_imagenet_folder  # noqa: E402
+from fixtures import CLASSES, WORDS, build_tiny_imagenet_folder
 
-from tinydist import export  # noqa: E402
-from tinydist.ckpt_format import CheckpointError  # noqa: E402
-from tinydist.config import Config, DataConfig, load_config  # noqa: E402
-from tinydist.export import export_model, load_export, load_model_weights  # noqa: E402
-from tinydist.labels import class_names  # noqa: E402
-from tinydist.model import build_model  # noqa: E402
+from tinydist import export
+from tinydist.ckpt_format import CheckpointError
+from tinydist.config import Config, DataConfig, load_config
+from tinydist.export import export_model, load_export, load_model_weights
+from tinydist.labels import class_names
+from tinydist.model import build_model
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)  # only copied, never decoded
 PROVENANCE = {"weights": "ema", "selected": "best", "step": 40, "metrics": {"val/top1": 0.625, "val/loss": 1.25},
@@ -267,3 +265,13 @@ def test_reader_reads_a_checkpoints_ema_weights(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in average.state_dict().items())
     with pytest.raises(CheckpointError, match="weights 'opt'"):
         load_model_weights(str(folder), weights="opt")
+
+
+def test_curves_png_of_a_run(tmp_path):
+    """What train.py hands export_model: a fresh drawing when matplotlib and metrics.jsonl are there,
+    else the run's curves.png, else None; never an error."""
+    from tinydist.report import curves_png
+
+    assert curves_png(str(tmp_path)) is None
+    (tmp_path / "curves.png").write_bytes(PNG)
+    assert curves_png(str(tmp_path)) == PNG  # no metrics.jsonl to draw from: the one drawn before
