@@ -1,10 +1,23 @@
-"""Test-wide isolation: no network, no login prompts, no writes outside pytest's tmp dirs."""
+"""Test-wide isolation (no network, no login prompts, no writes outside pytest's tmp dirs) and the
+fixtures several modules share.
+
+Imports: tinydist is installed (`pip install -e .`), so no test module touches sys.path. The helper
+modules next to this file (train_helpers.py: subprocess runs; faultinject.py: injectors, ports, moto;
+fixtures.py: datasets) import as top-level modules because tests/ has no __init__.py: pytest's default
+import mode ("prepend") puts this directory first on sys.path when it loads this conftest.
+
+Markers (setup.cfg): `slow` is every test that starts training processes, launchers, moto-backed runs
+or injected faults; `pytest -m "not slow"` is the fast loop.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import pytest
+
+from faultinject import aws_test_env, moto_server
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,3 +38,19 @@ def _offline_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One decoded-image cache for the whole session: decoding once is the point of the cache."""
     return str(tmp_path_factory.mktemp("tinydist-cache"))
+
+
+@pytest.fixture(scope="module")
+def aws_env() -> Iterator[None]:
+    """This process talks to a local S3 only: test credentials, nothing from the developer's shell
+    (profile, session token, proxy, endpoint) for the module's tests; see faultinject.aws_test_env."""
+    with aws_test_env():
+        yield
+
+
+@pytest.fixture(scope="module")
+def moto(aws_env: None) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (one per module); its endpoint URL. Make a bucket per test with
+    faultinject.make_bucket(moto)."""
+    with moto_server() as url:
+        yield url

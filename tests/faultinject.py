@@ -1,7 +1,10 @@
 """Real (not mocked) fault injection for tests: network outages, a local S3, a full disk, process trees.
 
-    from faultinject import TcpProxy, moto_server, s3_env, S3_ENV_UNSET, make_bucket, fast_s3fs
-    from faultinject import tmpfs, is_mounted, children_of, wait_gone, kill_tree, free_port
+    from faultinject import TcpProxy, moto_server, s3_env, S3_ENV_UNSET, make_bucket, fast_s3fs, aws_test_env
+    from faultinject import tmpfs, is_mounted, children_of, wait_gone, kill_tree, free_port, reseal
+
+conftest.py builds its S3 fixtures (`aws_env`, `moto`: one moto server per module) on these, and
+train_helpers.py its subprocess runs; nothing here is duplicated in a test module.
 
 Why real: the failures tinydist must survive (an S3 endpoint that drops keep-alive connections, a
 refused reconnect, ENOSPC in the middle of a checkpoint, a launcher whose workers outlive it) come from
@@ -37,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -351,7 +356,7 @@ def _reset(sock: socket.socket) -> None:
 # ---- S3 (moto) --------------------------------------------------------------------------------------------
 
 # What a subprocess must not inherit when it talks to the local S3: a profile, session token or proxy
-# from the developer's shell would send it elsewhere (same list as tests/test_checkpoint.py clears).
+# from the developer's shell would send it elsewhere (aws_test_env() clears them in-process).
 # Pass as `train_env(s3_env(url), unset=S3_ENV_UNSET)`.
 S3_ENV_UNSET: tuple[str, ...] = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY",
                                  "http_proxy", "https_proxy")
@@ -362,7 +367,7 @@ def moto_server(port: Optional[int] = None, *, keepalive: bool = False) -> Itera
     """moto's S3 (and the rest of AWS) as a real HTTP server on 127.0.0.1; yields its endpoint URL.
     A server, not `mock_aws`: subprocesses (training runs) and s3fs's aiohttp need a real socket.
 
-    keepalive=False: moto's own ThreadedMotoServer (what tests/test_s3_run.py uses). Its werkzeug dev
+    keepalive=False: moto's own ThreadedMotoServer (conftest.py's `moto` fixture). Its werkzeug dev
     server answers every request with `Connection: close`, so clients never reuse a connection, which
     real S3 does. keepalive=True serves the same moto app over HTTP/1.1 keep-alive (see
     _KeepAliveMotoHandler), so a test can see what a pooled connection cut by an outage does."""
@@ -460,9 +465,29 @@ def _keepalive_handler() -> type:
     return _KeepAliveMotoHandler
 
 
+@contextlib.contextmanager
+def aws_test_env(endpoint: Optional[str] = None) -> Iterator[None]:
+    """This process's environment, for the block, as s3_env() gives a subprocess: moto's test credentials
+    and region, no instance metadata, no proxy for loopback, and nothing from the developer's shell
+    (S3_ENV_UNSET, AWS_ENDPOINT_URL) that could send boto3/s3fs elsewhere. With `endpoint`,
+    AWS_ENDPOINT_URL points at it; without, clients must be given their endpoint_url. Attempt counts
+    and retry modes stay botocore's defaults in-process."""
+    patch = pytest.MonkeyPatch()
+    try:
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)
+        for key in S3_ENV_UNSET:
+            patch.delenv(key, raising=False)
+        for key, value in s3_env(endpoint or "", max_attempts=None, retry_mode=None).items():
+            if key != "AWS_ENDPOINT_URL" or endpoint:
+                patch.setenv(key, value)
+        yield
+    finally:
+        patch.undo()
+
+
 def s3_env(endpoint: str, *, max_attempts: Optional[int] = 2, retry_mode: Optional[str] = "standard",
            defaults_mode: Optional[str] = None) -> dict[str, str]:
-    """Environment for a subprocess to reach S3 at `endpoint` (same variables as tests/test_s3_run.py).
+    """Environment for a subprocess to reach S3 at `endpoint` (aws_test_env() sets the same in-process).
 
     AWS_MAX_ATTEMPTS / AWS_RETRY_MODE are honoured by botocore (so by boto3, aiobotocore and s3fs):
     2 attempts keeps a failing run's S3 calls to seconds. AWS_DEFAULTS_MODE="in-region" sets botocore's
@@ -508,6 +533,22 @@ def fast_s3fs(endpoint: str, *, attempts: int = 1, s3fs_retries: int = 2, connec
                            skip_instance_cache=True, **kwargs)
     fs.retries = s3fs_retries
     return fs
+
+
+# ---- a checkpoint edited by hand --------------------------------------------------------------------------
+
+
+def reseal(folder: str | os.PathLike[str]) -> None:
+    """Fix up every checksum of a hand-edited checkpoint folder (state.json's file list and the COMMITTED
+    marker), as a careful someone would: what fails afterwards fails because of the edit itself."""
+    folder = Path(folder)
+    state = json.loads((folder / "state.json").read_text())
+    for name in state["files"]:
+        data = (folder / name).read_bytes()
+        state["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    data = json.dumps(state).encode()
+    (folder / "state.json").write_bytes(data)
+    (folder / "COMMITTED").write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
 # ---- a small, full disk -----------------------------------------------------------------------------------

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinydist.augment import (IMAGENET_MEAN, IMAGENET_STD, batch_generator, crop_flip_params,  # noqa: E402
+from tinydist.augment import (IMAGENET_MEAN, IMAGENET_STD, batch_generator, crop_flip_params,
                               eval_transform, to_device, train_transform)
 
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))  # about -2.118

@@ -58,6 +58,7 @@ def test_auto_clock_learns_the_measured_cost(monkeypatch):
     assert "measured" in logs[-1]
 
 
+@pytest.mark.slow
 def test_a_run_saves_by_the_clock(tmp_path, cache_dir):
     out = tmp_path / "out"
     result = run_train(tiny_args(cache_dir, str(out), train__max_steps=30, checkpoint__every_steps=0,
@@ -70,6 +71,7 @@ def test_a_run_saves_by_the_clock(tmp_path, cache_dir):
     assert "saving every 0.005 min by the clock" in result.stdout
 
 
+@pytest.mark.slow
 def test_auto_cadence_is_logged_at_start(tmp_path, cache_dir):
     result = run_train(tiny_args(cache_dir, str(tmp_path / "out"), train__max_steps=2,
                                  checkpoint__every_minutes="auto", checkpoint__mtbf_minutes=30))

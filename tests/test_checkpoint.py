@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinydist.checkpoint import Checkpointer, CheckpointError, parse_size  # noqa: E402
-from tinydist.ckpt_format import InvalidCheckpointError  # noqa: E402
-from tinydist.exitcodes import TransientError  # noqa: E402
+from faultinject import make_bucket, reseal
+from tinydist.checkpoint import Checkpointer, CheckpointError, parse_size
+from tinydist.ckpt_format import InvalidCheckpointError
+from tinydist.exitcodes import TransientError
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -88,17 +81,6 @@ def assert_same(model_a, opt_a, model_b, opt_b) -> None:
         assert torch.equal(oa[k], ob[k]), k
     strip = lambda g: {k: v for k, v in g.items() if k != "params"}  # noqa: E731
     assert [strip(g) for g in opt_a.param_groups] == [strip(g) for g in opt_b.param_groups]
-
-
-def reseal(folder: Path) -> None:
-    """Re-checksum a hand-edited checkpoint so that only the edit itself can be what fails."""
-    state = json.loads((folder / "state.json").read_text())
-    for name in state["files"]:
-        data = (folder / name).read_bytes()
-        state["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    data = json.dumps(state).encode()
-    (folder / "state.json").write_bytes(data)
-    (folder / "COMMITTED").write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
 class Logs(list):
@@ -460,11 +442,15 @@ def test_two_ranks_split_the_shards_and_commit_once(tmp_path):
 
 
 def test_stale_part_file_from_an_interrupted_attempt_is_not_trusted(tmp_path):
+    """A part file left by an attempt on another world size, with every file it lists present at the
+    size it says: only its identity (step, world_size, rank) can tell rank 0 it is not this attempt's."""
     model, opt = trained("sgd")
     folder = tmp_path / "step-00000004"  # a save at step 4 on 4 GPUs was preempted half-way
     folder.mkdir()
+    leftover = b"half a shard"  # what that attempt's rank 1 had written: it is there, at the listed size
+    (folder / "model-00002-of-00005.safetensors").write_bytes(leftover)
     stale = {"step": 4, "world_size": 4, "rank": 1, "files": {"model-00002-of-00005.safetensors": {
-        "sha256": "0" * 64, "bytes": 12}}}
+        "sha256": hashlib.sha256(leftover).hexdigest(), "bytes": len(leftover)}}}
     (folder / "part-00001.json").write_text(json.dumps(stale))
     ranks = [Checkpointer(str(tmp_path), keep_last=2, rank=r, world_size=2, log=Logs()) for r in range(2)]
     ranks[0].save(4, model, opt, {})
@@ -514,39 +500,13 @@ def test_saving_a_committed_step_again_leaves_it_alone(tmp_path):
 # ---- S3, for real, against moto's server on localhost -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    patch = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                       "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}.items():
-        patch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY", "HTTPS_PROXY",
-                "http_proxy", "https_proxy"):
-        patch.delenv(key, raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        patch.undo()
-
-
 @pytest.fixture
-def bucket(s3_endpoint):
-    import boto3
+def bucket(moto):
+    """A fresh bucket on the module's moto server (conftest.py), and the storage options to reach it."""
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # no client (or listing cache) carried over from another test
-    name = f"tinydist-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    yield name, {"endpoint_url": s3_endpoint}
+    yield make_bucket(moto), {"endpoint_url": moto}
     s3fs.S3FileSystem.clear_instance_cache()
 
 

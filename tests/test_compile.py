@@ -65,6 +65,7 @@ def test_compiled_steps_match_eager_and_never_recompile_after_warm_up():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_compiled_run_resumes_bitwise(tmp_path, cache_dir):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     common = {"model__compile": "true", "checkpoint__every_steps": 2}

@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinydist.config import Config, ConfigError, all_keys, checkpoint_dir, get, load_config, to_dict, to_yaml  # noqa: E402
+from tinydist.config import (Config, ConfigError, accumulation_steps, all_keys, checkpoint_dir, get, load_config, to_dict,
+                             to_yaml)
+from tinydist.sampler import GlobalSampler
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -158,13 +155,56 @@ def test_wrong_type_in_a_recipe(tmp_path):
     (["--optim.schedule=linear"], "`optim.schedule`"),
     (["--log.report_to=[mlflow]"], "'mlflow'; expected any of wandb, tensorboard"),
     (["--data.image_size=0"], "`data.image_size`"),
-    (["--train.micro_batch_size=48"], "not a multiple of train.micro_batch_size 48 x 1 processes; micro batch sizes"),
     (["--data.crop_scale=[0.5,0.2]"], "`data.crop_scale`"),
     (["--model.extra_fc=-1"], "`model.extra_fc`"),
     (["--optim.lr=0"], "`optim.lr`"),
 ])
 def test_values_a_type_cannot_check(argv, fragment):
     assert fragment in error(argv)
+
+
+# ---- batch arithmetic: global batch = micro batch x processes x accumulation ---------------------------------
+# The one unit test of it; tests/test_train.py has the one end-to-end test of the message a user reads
+# (2 processes through the launcher).
+
+
+@pytest.mark.parametrize("global_batch, micro_batch, world_size, expected", [
+    (512, 64, 1, 8), (512, 64, 8, 1), (64, 32, 2, 1), (16, 8, 1, 2), (16, 8, 2, 1), (512, 512, 1, 1),
+    (64, 24, 1, "fits"), (16, 16, 2, "fits"), (16, 12, 1, "fits"), (512, 48, 2, "fits"), (512, 128, 8, "fits"),
+    (96, 7, 1, "fits"), (100, 10, 3, "nothing fits"), (4, 1, 8, "nothing fits"),
+])
+def test_batch_arithmetic(global_batch, micro_batch, world_size, expected):
+    """accumulation = global / (micro x processes), or one line naming both sizes and the process count
+    that lists the largest micro batch sizes that would fit (each of them really fits), or says that none
+    can. The config check (one process) and GlobalSampler (any count) apply the same rule."""
+    if isinstance(expected, int):
+        assert accumulation_steps(global_batch, micro_batch, world_size) == expected
+        assert GlobalSampler(1000, global_batch, micro_batch, world_size).accumulation == expected
+        return
+    with pytest.raises(ConfigError) as e:
+        accumulation_steps(global_batch, micro_batch, world_size)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"train.global_batch_size {global_batch} is not a multiple of "
+                              f"train.micro_batch_size {micro_batch} x {world_size} processes; "), message
+    with pytest.raises(ConfigError):
+        GlobalSampler(1000, global_batch, micro_batch, world_size)
+    if expected == "nothing fits":  # an empty list after a colon would read as a truncated message
+        assert global_batch % world_size
+        assert message.endswith(f"no micro batch size fits {world_size} processes: it must be a multiple of the "
+                                "process count"), message
+        return
+    head, listed = message.rsplit(": ", 1)
+    assert head.endswith(f"micro batch sizes that keep it on {world_size} processes"), message
+    sizes = [int(x) for x in listed.split(", ")]
+    fitting = [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
+    assert sizes == fitting[-len(sizes):] and 0 < len(sizes) <= 8, message  # the largest ones, ascending
+    for m in sizes:
+        assert accumulation_steps(global_batch, m, world_size) * m * world_size == global_batch
+    assert micro_batch not in sizes and max(sizes) == global_batch // world_size
+    if world_size == 1:  # a recipe is checked on load, for one process (the count is only known at launch)
+        argv = [f"--train.global_batch_size={global_batch}", f"--train.micro_batch_size={micro_batch}"]
+        assert error(argv) == message
 
 
 def test_choices_accept_every_allowed_value():

@@ -7,6 +7,8 @@ import io
 import re
 from contextlib import redirect_stdout
 
+import pytest
+
 from tinydist.console import Console
 from train_helpers import PYTHON, describe, run, run_train, tiny_args, train_env
 
@@ -39,6 +41,7 @@ def test_inactive_ranks_print_nothing():
     assert out.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_a_redirected_run_has_no_bar_redraws(tmp_path, cache_dir):
     env = train_env(unset=["TQDM_DISABLE"])  # the bar would be on, if this were a terminal
     result = run_train(tiny_args(cache_dir, str(tmp_path / "out"), train__max_steps=6), env=env)
@@ -48,6 +51,7 @@ def test_a_redirected_run_has_no_bar_redraws(tmp_path, cache_dir):
     assert len(progress) == 1 and progress[0].split()[3] == "6/6", result.stdout  # the last step; < 30 s run
 
 
+@pytest.mark.slow
 def test_the_error_is_the_last_thing_the_launcher_prints(tmp_path, cache_dir):
     args = tiny_args(cache_dir, str(tmp_path / "out"), train__micro_batch_size=48)
     result = run([PYTHON, "-m", "tinydist.launch", "tinydist/train.py", *args], train_env(), timeout=240)
@@ -57,6 +61,7 @@ def test_the_error_is_the_last_thing_the_launcher_prints(tmp_path, cache_dir):
         last[1] == "tinydist.launch: training exited with 2", last
 
 
+@pytest.mark.slow
 def test_warns_when_accelerate_formed_fewer_processes_than_asked(tmp_path, cache_dir):
     args = tiny_args(cache_dir, str(tmp_path / "out"), train__max_steps=1)
     cmd = [PYTHON, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
@@ -67,6 +72,7 @@ def test_warns_when_accelerate_formed_fewer_processes_than_asked(tmp_path, cache
         in result.stdout, describe(result)
 
 
+@pytest.mark.slow
 def test_main_command_offline_ends_with_tinydists_message_in_seconds(tmp_path):
     from faultinject import free_port
 

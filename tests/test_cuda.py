@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from train_helpers import describe, load_model_dir, read_metrics, run_train, tiny_args, train_env
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.slow]  # GPU training runs in subprocesses
 
 DEVICE = "cuda"
 EXIT_PREEMPTED = 75

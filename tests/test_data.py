@@ -15,16 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixtures as fx  # noqa: E402
-from tinydist import data  # noqa: E402
-from tinydist.config import ConfigError, DataConfig  # noqa: E402
-from tinydist.data import DataError, load_split, open_source  # noqa: E402
-from tinydist.exitcodes import TransientError  # noqa: E402
+import fixtures as fx
+from tinydist import data
+from tinydist.config import ConfigError, DataConfig
+from tinydist.data import DataError, load_split, open_source
+from tinydist.exitcodes import TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ["hub parquet", "parquet without README", "tiny-imagenet-200", "save_to_disk"]

@@ -18,15 +18,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinydist import data, datacache  # noqa: E402
-from tinydist.config import ConfigError, DataConfig  # noqa: E402
-from tinydist.data import DataError, load_split, open_source  # noqa: E402
-from tinydist.exitcodes import EXIT_TRANSIENT, TransientError  # noqa: E402
+from tinydist import data, datacache
+from tinydist.config import ConfigError, DataConfig
+from tinydist.data import DataError, load_split, open_source
+from tinydist.exitcodes import EXIT_TRANSIENT, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN = 1498

@@ -165,22 +165,7 @@ def test_target_down_resets_clients_and_stop_closes_all(http_target: tuple[str, 
 # ---- S3 through the proxy ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    """Nothing from the developer's shell (profile, proxy, endpoint) may redirect these tests."""
-    patch = pytest.MonkeyPatch()
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY", "HTTPS_PROXY",
-                "http_proxy", "https_proxy"):
-        patch.delenv(key, raising=False)
-    patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    yield
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
-def moto(aws_env: None) -> Iterator[str]:
-    with moto_server() as url:
-        yield url
+# `aws_env` and `moto` (moto's own server, one per module) come from conftest.py.
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ count), or with a one-line refusal and the exit code of the contract (tinydist/e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,9 +20,11 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from faultinject import S3_ENV_UNSET, TcpProxy, make_bucket, moto_server, s3_env, tmpfs
-from train_helpers import (PYTHON, REPO, describe, load_model_dir, run_train, tiny_args, train_command,
-                           train_env)
+from faultinject import S3_ENV_UNSET, TcpProxy, make_bucket, moto_server, reseal, s3_env, tmpfs
+from train_helpers import (PYTHON, REPO, describe, error_lines, finish, load_model_dir, run_train, start, tiny_args,
+                           train_command, train_env, wait_for)
+
+pytestmark = pytest.mark.slow  # every test here trains in subprocesses and injects a fault
 
 STEPS = {"train__max_steps": 12, "checkpoint__every_steps": 2}
 
@@ -42,33 +43,6 @@ def assert_same_weights(model_dir: Path, reference: dict[str, torch.Tensor]) -> 
     assert set(got) == set(reference)
     different = [k for k in reference if not torch.equal(got[k], reference[k])]
     assert not different, f"tensors differ from the run without faults: {different[:5]}"
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
-
-
-def start(cmd, env, cwd=REPO) -> subprocess.Popen:
-    return subprocess.Popen(list(map(str, cmd)), cwd=str(cwd), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"still running after {timeout} s; killed\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
 # ---- a bucket that goes away ---------------------------------------------------------------------------
@@ -214,17 +188,6 @@ def saved_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
     result = run_train(tiny_args(cache_dir, str(out), train__max_steps=4, checkpoint__every_steps=2))
     assert result.returncode == 0, describe(result)
     return out
-
-
-def reseal(folder: Path) -> None:
-    """Fix up every checksum after an edit, as a careful someone would."""
-    state = json.loads((folder / "state.json").read_text())
-    for name in state["files"]:
-        data = (folder / name).read_bytes()
-        state["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    data = json.dumps(state).encode()
-    (folder / "state.json").write_bytes(data)
-    (folder / "COMMITTED").write_text(hashlib.sha256(data).hexdigest() + "\n")
 
 
 def _edit_state(**changes):

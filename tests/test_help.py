@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fixtures as fx  # noqa: E402
-from tinydist import config, data  # noqa: E402
-from tinydist.config import ConfigError, HelpRequested, all_keys, help_text, load_config  # noqa: E402
-from tinydist.data import DataError, open_source  # noqa: E402
-from tinydist.exitcodes import EXIT_CONFIG, TransientError  # noqa: E402
+import fixtures as fx
+from tinydist import config, data
+from tinydist.config import ConfigError, HelpRequested, all_keys, help_text, load_config
+from tinydist.data import DataError, open_source
+from tinydist.exitcodes import EXIT_CONFIG, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180.0  # a subprocess that outlives this is hung (train.py imports torch first)

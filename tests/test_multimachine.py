@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import PYTHON, REPO, describe, free_port, load_model_dir, run_train, tiny_args, train_env
+from faultinject import free_port
+from train_helpers import PYTHON, REPO, describe, load_model_dir, run_train, tiny_args, train_env
+
+pytestmark = pytest.mark.slow  # two machines on localhost: launchers and training processes
 
 STEPS = {"train__max_steps": 24, "checkpoint__every_steps": 2}
 

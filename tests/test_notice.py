@@ -501,6 +501,7 @@ def test_import_is_cheap() -> None:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.slow
 def test_notice_stops_a_run_with_a_commit(provider: str, tmp_path: Any, cache_dir: str) -> None:
     """The notice sets the same flag as SIGTERM: the run saves at the next step boundary and exits 75."""
     import subprocess

@@ -3,7 +3,7 @@ at once, not after torchrun's shutdown timeout (170 s) or a 30-minute commit wai
 
 from __future__ import annotations
 
-
+import pytest
 
 from tinydist.exitcodes import EXIT_TRANSIENT
 from tinydist.peers import PeerLostError, Peers, is_peer_failure
@@ -13,7 +13,6 @@ from train_helpers import describe, run, tiny_args, train_command, train_env
 # step 1; rank 1 is SIGKILLed as it writes its first shard of that save.
 DRIVER = r'''
 import os, signal, sys
-sys.path.insert(0, os.getcwd())
 import tinydist.train as train
 from tinydist.storage import Storage
 
@@ -39,6 +38,7 @@ sys.exit(train.main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_peer_killed_during_the_final_save_is_transient_at_once(tmp_path, cache_dir):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

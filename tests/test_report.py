@@ -1,4 +1,4 @@
-"""The report picture (python -m tinydist.report) and the bench's --quick lines.
+"""The report picture (python -m tinydist.report) and the exported model card's copy of it (curves_png).
 
 metrics.jsonl files are written by hand, in the format tracking.py writes: step/epoch/samples on
 every line, train/* and val/* metrics, and `event` lines "preempted" / "resumed".
@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import matplotlib  # noqa: F401 - the `report` extra, in `test` too: a missing one fails here, not as a skip
 import pytest
 
-pytest.importorskip("matplotlib")
-
-from tinydist import report  # noqa: E402
+from tinydist import report
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -271,32 +269,22 @@ def test_empty_metrics_file_still_draws(tmp_path: Path) -> None:
     assert_png(run / "curves.png")
 
 
-# --- bench --quick ---------------------------------------------------------------------------------
+# --- curves_png: the picture in the exported model's folder ------------------------------------------
 
 
-def bench_module() -> Any:
-    pytest.importorskip("torchvision")
-    from tinydist import bench
+def test_curves_png_is_drawn_afresh_else_the_old_file_else_none(tmp_path: Path, monkeypatch) -> None:
+    run = write_run(tmp_path / "run", smoke_like((PREEMPTED, RESUMED)))
+    drawn = report.curves_png(str(run) + "/")
+    assert drawn is not None and drawn.startswith(PNG_SIGNATURE) and len(drawn) > 1000
+    assert not (run / "curves.png").exists()  # bytes for the caller; nothing written into the run
 
-    return bench
+    (run / "metrics.jsonl").unlink()  # no metrics any more, but a picture drawn before
+    (run / "curves.png").write_bytes(PNG_SIGNATURE + b"an earlier picture")
+    assert report.curves_png(str(run)) == PNG_SIGNATURE + b"an earlier picture"
 
+    write_run(run, smoke_like())  # metrics again, but no matplotlib: the old picture, not an error
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # every import of it fails, as if not installed
+    assert report.curves_png(str(run)) == PNG_SIGNATURE + b"an earlier picture"
 
-def test_bench_verdict_keeps_the_full_line_and_drops_ratios_when_quick() -> None:
-    bench = bench_module()
-    assert bench.verdict(False, "ratio", "4.8x", ">= 5") == "-> ratio 4.8x (goal >= 5)"
-    assert bench.verdict(False, "overhead", "+7.2%", "<= 3%") == "-> overhead +7.2% (goal <= 3%)"
-    quick = bench.verdict(True, "overhead", "-138.7%", "<= 3%")
-    assert quick == "-> overhead not shown (quick sizes: ratios mean nothing)"
-    assert not any(c.isdigit() for c in quick) and "goal" not in quick
-
-
-def test_bench_data_quick_prints_no_ratio(tmp_path: Path) -> None:
-    bench_module()
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "tinydist.bench", "data", "--quick"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("data: "))
-    verdict = line.split("->", 1)[1].split("[", 1)[0]
-    assert verdict.strip() == "ratio not shown (quick sizes: ratios mean nothing)", line
-    assert "goal" not in line
+    assert report.curves_png(str(tmp_path / "never-ran")) is None  # nothing at all: None, never a raise

@@ -18,22 +18,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(REPO))
+from faultinject import kill_tree
+from tinydist.checkpoint import Checkpointer
+from tinydist.export import load_model_weights
+from train_helpers import REPO, describe, run_train, tiny_args, train_command, train_env
 
-from tinydist.checkpoint import Checkpointer  # noqa: E402
-from tinydist.export import load_model_weights  # noqa: E402
+pytestmark = pytest.mark.slow  # every test here trains in subprocesses, most of them twice
 
 MAX_STEPS = 12
 EVERY = 4  # checkpoints at 4, 8, 12; keep_last 2 leaves 8 and 12 in the reference
@@ -44,91 +42,31 @@ EXIT_CONFIG, EXIT_PREEMPTED = 2, 75
 # ---- running training ------------------------------------------------------------------------------------
 
 
-class Run(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + "\n" + self.stderr
-
-    def describe(self) -> str:
-        return (f"exit {self.returncode}\n--- stdout (tail) ---\n{self.stdout[-4000:]}\n"
-                f"--- stderr (tail) ---\n{self.stderr[-4000:]}")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Two cores shared with other test runs: one intra-op thread per process is about 2x faster than two
-    # threads fighting over busy cores, and every run of a comparison uses the same setting.
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["TQDM_DISABLE"] = "1"
-    return env
-
-
-def _kill_tree(pid: int) -> None:
-    """Kill a process this test started and its descendants, by pid (torchrun's workers have sessions of
-    their own, so killing the launcher's process group would not reach them)."""
-    import psutil  # a dependency of accelerate
-
-    try:
-        root = psutil.Process(pid)
-        family = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def _run(cmd: Sequence[str]) -> Run:
-    proc = subprocess.Popen(list(cmd), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT_S} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return Run(proc.returncode, stdout, stderr)
-
-
 def train_args(cache_dir: str, out: Path, *extra: str, max_steps: int = MAX_STEPS) -> list[str]:
-    return ["--config", "configs/smoke.yaml", f"--data.cache_dir={cache_dir}", f"--train.output_dir={out}",
-            "--data.image_size=16", "--data.max_val_samples=64", f"--train.max_steps={max_steps}",
-            f"--checkpoint.every_steps={EVERY}", f"--train.eval_every_steps={EVAL_EVERY}", "--log.every_steps=1",
-            "--train.global_batch_size=16", "--train.micro_batch_size=8", *extra]
+    """The recipe of every run here: the smoke config at 16 px on all of digits (not TINY's subset)."""
+    return tiny_args(cache_dir, str(out), data__max_train_samples=None, train__max_steps=max_steps,
+                     checkpoint__every_steps=EVERY, train__eval_every_steps=EVAL_EVERY, log__every_steps=1,
+                     train__global_batch_size=16, train__micro_batch_size=8) + list(extra)
 
 
-def run_train(cache_dir: str, out: Path, *extra: str, max_steps: int = MAX_STEPS, processes: int = 1,
-              driver: Optional[Path] = None, plan: Optional[dict] = None) -> Run:
+def train(cache_dir: str, out: Path, *extra: str, max_steps: int = MAX_STEPS, processes: int = 1,
+          driver: Optional[Path] = None, plan: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """One run (train_helpers.run_train): `processes` processes, or one through `driver` with `plan`."""
     args = train_args(cache_dir, out, *extra, max_steps=max_steps)
-    if processes > 1:
-        assert driver is None, "drivers run one process"
-        cmd = [sys.executable, "-m", "tinydist.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--main_process_port", str(free_port()), "tinydist/train.py", *args]
-    elif driver is not None:
-        cmd = [sys.executable, str(driver), json.dumps(plan or {}), *args]
-    else:
-        cmd = [sys.executable, "-m", "tinydist.train", *args]
-    return _run(cmd)
+    if driver is not None:
+        assert processes == 1, "drivers run one process"
+        args = [json.dumps(plan or {}), *args]
+    return run_train(args, nprocs=processes, script=str(driver) if driver else None, timeout=TIMEOUT_S)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def output(run: subprocess.CompletedProcess) -> str:
+    return run.stdout + "\n" + run.stderr
 
 
 # The driver: wraps package functions to signal at precise points, then runs tinydist.train.main.
 # Every signal it sends is announced on stdout ("driver: sending ..."), so a test can check it happened.
 DRIVER = r'''
 import json, os, signal, sys
-sys.path.insert(0, os.getcwd())
 import tinydist.train as train
 from tinydist.checkpoint import Checkpointer
 from tinydist.storage import Storage
@@ -272,9 +210,9 @@ def link_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=os.link)
 
 
-def resumed_line(run: Run) -> str:
+def resumed_line(run: subprocess.CompletedProcess) -> str:
     lines = [line for line in run.stdout.splitlines() if line.startswith("resumed from ")]
-    assert len(lines) == 1, run.describe()
+    assert len(lines) == 1, describe(run)
     return lines[0]
 
 
@@ -290,10 +228,10 @@ class Reference(NamedTuple):
 @pytest.fixture(scope="module")
 def reference(cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     out = tmp_path_factory.mktemp("reference")
-    run = run_train(cache_dir, out)
-    assert run.returncode == 0, run.describe()
-    assert "tinydist: 1 process(es)" in run.stdout and "resumed from" not in run.output
-    assert committed_steps(out) == [8, 12], run.describe()
+    run = train(cache_dir, out)
+    assert run.returncode == 0, describe(run)
+    assert "tinydist: 1 process(es)" in run.stdout and "resumed from" not in output(run)
+    assert committed_steps(out) == [8, 12], describe(run)
     ref_losses = losses(out)
     assert [s for s, _ in ref_losses] == list(range(1, MAX_STEPS + 1))
     assert events(out) == []
@@ -315,16 +253,16 @@ def test_sigterm_then_resume_is_bitwise_identical(reference: Reference, cache_di
                                                   tmp_path: Path, plan: dict, stop_step: int,
                                                   announced: str) -> None:
     out = tmp_path / "run"
-    first = run_train(cache_dir, out, driver=driver, plan=plan)
-    assert first.returncode == EXIT_PREEMPTED, first.describe()
-    assert f"driver: sending SIGTERM {announced}" in first.stdout, first.describe()
+    first = train(cache_dir, out, driver=driver, plan=plan)
+    assert first.returncode == EXIT_PREEMPTED, describe(first)
+    assert f"driver: sending SIGTERM {announced}" in first.stdout, describe(first)
     assert "SIGTERM received" in first.stdout
-    assert f"stopped at step {stop_step} after SIGTERM; checkpoint committed" in first.stdout, first.describe()
+    assert f"stopped at step {stop_step} after SIGTERM; checkpoint committed" in first.stdout, describe(first)
     assert stop_step in committed_steps(out) and max(committed_steps(out)) == stop_step
     assert not (out / "model").exists(), "a preempted run must not export a final model"
 
-    second = run_train(cache_dir, out)  # the same command a relauncher would run
-    assert second.returncode == 0, second.describe()
+    second = train(cache_dir, out)  # the same command a relauncher would run
+    assert second.returncode == 0, describe(second)
     assert resumed_line(second).startswith(
         f"resumed from {out}/checkpoints/step-{stop_step:08d} at step {stop_step} (saved by 1 process(es)")
 
@@ -342,16 +280,16 @@ def test_sigterm_then_resume_is_bitwise_identical(reference: Reference, cache_di
 def test_sigkill_during_save_resumes_from_previous_commit(reference: Reference, cache_dir: str, driver: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "run"
-    killed = run_train(cache_dir, out, driver=driver, plan={"mode": "kill_in_save"})
-    assert killed.returncode == -signal.SIGKILL, killed.describe()
-    assert "driver: sending SIGKILL after writing step-00000008/model-" in killed.stdout, killed.describe()
+    killed = train(cache_dir, out, driver=driver, plan={"mode": "kill_in_save"})
+    assert killed.returncode == -signal.SIGKILL, describe(killed)
+    assert "driver: sending SIGKILL after writing step-00000008/model-" in killed.stdout, describe(killed)
     torn = step_dir(out, 8)
     assert torn.is_dir() and list(torn.glob("model-*.safetensors")), "the torn checkpoint should have some shards"
     assert not (torn / "COMMITTED").exists() and not (torn / "state.json").exists()
     assert committed_steps(out) == [4]
 
-    resumed = run_train(cache_dir, out)
-    assert resumed.returncode == 0, resumed.describe()
+    resumed = train(cache_dir, out)
+    assert resumed.returncode == 0, describe(resumed)
     assert "step-00000008" in resumed.stdout.split("resumed from")[0], "the skipped torn checkpoint is named"
     assert resumed_line(resumed).startswith(f"resumed from {out}/checkpoints/step-00000004 at step 4 ")
     assert_bitwise_equal(weights(out / "model"), reference.weights)
@@ -366,20 +304,20 @@ def test_sigkill_during_save_resumes_from_previous_commit(reference: Reference, 
 
 
 @pytest.fixture(scope="module")
-def two_then_one(cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run, Run]:
+def two_then_one(cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("two_then_one") / "run"
-    two = run_train(cache_dir, out, max_steps=6, processes=2)
-    one = run_train(cache_dir, out) if two.returncode == 0 else Run(-1, "", "not run: the 2-process part failed")
+    two = train(cache_dir, out, max_steps=6, processes=2)
+    one = train(cache_dir, out) if two.returncode == 0 else subprocess.CompletedProcess([], -1, "", "not run: the 2-process part failed")
     return out, two, one
 
 
-def test_two_processes_then_one(reference: Reference, two_then_one: tuple[Path, Run, Run]) -> None:
+def test_two_processes_then_one(reference: Reference, two_then_one: tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]) -> None:
     out, two, one = two_then_one
-    assert two.returncode == 0, two.describe()
+    assert two.returncode == 0, describe(two)
     assert "tinydist: 2 process(es)" in two.stdout and "8 x 2 processes x 1 accumulation" in two.stdout
-    assert f"checkpoint {out}/checkpoints/step-00000006 committed" in two.stdout, two.describe()
+    assert f"checkpoint {out}/checkpoints/step-00000006 committed" in two.stdout, describe(two)
 
-    assert one.returncode == 0, one.describe()
+    assert one.returncode == 0, describe(one)
     assert "tinydist: 1 process(es)" in one.stdout and "8 x 1 processes x 2 accumulation" in one.stdout
     assert resumed_line(one).startswith(
         f"resumed from {out}/checkpoints/step-00000006 at step 6 (saved by 2 process(es)")
@@ -389,9 +327,9 @@ def test_two_processes_then_one(reference: Reference, two_then_one: tuple[Path, 
 
 
 def test_bn_running_statistics_do_not_depend_on_the_world_size(reference: Reference,
-                                                              two_then_one: tuple[Path, Run, Run]) -> None:
+                                                              two_then_one: tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]) -> None:
     out, _, one = two_then_one
-    assert one.returncode == 0, one.describe()
+    assert one.returncode == 0, describe(one)
     got = weights(out / "model")
     stats = [k for k in reference.weights if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     far = {k: (got[k] - reference.weights[k]).abs().max().item() for k in stats
@@ -402,42 +340,13 @@ def test_bn_running_statistics_do_not_depend_on_the_world_size(reference: Refere
 def test_one_process_then_two(reference: Reference, cache_dir: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     link_copy(step_dir(reference.out, 8), step_dir(out, 8))  # the reference, saved by 1 process at step 8
-    two = run_train(cache_dir, out, processes=2)
-    assert two.returncode == 0, two.describe()
+    two = train(cache_dir, out, processes=2)
+    assert two.returncode == 0, describe(two)
     assert "tinydist: 2 process(es)" in two.stdout
     assert resumed_line(two).startswith(
         f"resumed from {out}/checkpoints/step-00000008 at step 8 (saved by 1 process(es)")
     assert_params_close(weights(out / "model"), reference.weights, "1 process -> 2")
     assert committed_steps(out) == [8, 12]
-
-
-def test_two_processes_that_cannot_keep_the_global_batch_exit_2(reference: Reference, cache_dir: str,
-                                                                tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    link_copy(step_dir(reference.out, 8), step_dir(out, 8))
-    run = run_train(cache_dir, out, "--train.micro_batch_size=16", processes=2)
-    assert run.returncode == EXIT_CONFIG, run.describe()
-    assert "micro batch sizes that keep it on 2 processes: 1, 2, 4, 8" in run.stderr, run.describe()
-    assert committed_steps(out) == [8] and not (out / "model").exists()
-
-
-@pytest.fixture(scope="module")
-def micro_12_on_one_process(reference: Reference, cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    out = tmp_path_factory.mktemp("micro12")
-    link_copy(step_dir(reference.out, 8), step_dir(out, 8))
-    return run_train(cache_dir, out, "--train.micro_batch_size=12")
-
-
-def test_micro_batch_that_cannot_keep_the_global_batch_exits_2(micro_12_on_one_process: Run) -> None:
-    run = micro_12_on_one_process
-    assert run.returncode == EXIT_CONFIG, run.describe()
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "16" in errors[0] and "12" in errors[0], run.describe()
-    assert "Traceback" not in run.output
-
-
-def test_micro_batch_error_lists_sizes_that_would_work(micro_12_on_one_process: Run) -> None:
-    assert "micro batch sizes that keep it on 1 processes: 1, 2, 4, 8, 16" in micro_12_on_one_process.stderr
 
 
 # ---- 4. checkpoint.resume: never, a path, a checkpoint of another model ---------------------------------------
@@ -447,12 +356,12 @@ def test_resume_never_refuses_to_overwrite(reference: Reference, cache_dir: str,
     out = tmp_path / "run"
     link_copy(reference.out / "checkpoints", out / "checkpoints")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    run = run_train(cache_dir, out, "--checkpoint.resume=never")
-    assert run.returncode == EXIT_CONFIG, run.describe()
+    run = train(cache_dir, out, "--checkpoint.resume=never")
+    assert run.returncode == EXIT_CONFIG, describe(run)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, run.describe()
+    assert len(errors) == 1, describe(run)
     assert "would be overwritten" in errors[0] and "2 committed checkpoints" in errors[0]
-    assert "step-00000012" in errors[0] and "Traceback" not in run.output
+    assert "step-00000012" in errors[0] and "Traceback" not in output(run)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
@@ -460,8 +369,8 @@ def test_resume_from_an_older_checkpoint_path(reference: Reference, cache_dir: s
     out = tmp_path / "run"
     link_copy(reference.out / "checkpoints", out / "checkpoints")  # steps 8 and 12: auto would pick 12
     older = f"{out}/checkpoints/step-00000008"
-    run = run_train(cache_dir, out, f"--checkpoint.resume={older}")
-    assert run.returncode == 0, run.describe()
+    run = train(cache_dir, out, f"--checkpoint.resume={older}")
+    assert run.returncode == 0, describe(run)
     assert resumed_line(run).startswith(f"resumed from {older} at step 8 ")
     assert [s for s, _ in losses(out)] == list(range(9, MAX_STEPS + 1))  # trained 9..12 itself
     assert losses(out) == reference.losses[8:]
@@ -473,11 +382,11 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(reference: Reference
     # The reference has the ImageNet stem (conv1 7x7); this run builds the CIFAR stem (conv1 3x3).
     out = tmp_path / "run"
     link_copy(reference.out / "checkpoints", out / "checkpoints")
-    run = run_train(cache_dir, out, "--model.stem=cifar", "--checkpoint.resume=auto")
-    assert run.returncode == EXIT_CONFIG, run.describe()
-    assert "Traceback" not in run.output, run.describe()
+    run = train(cache_dir, out, "--model.stem=cifar", "--checkpoint.resume=auto")
+    assert run.returncode == EXIT_CONFIG, describe(run)
+    assert "Traceback" not in output(run), describe(run)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, run.describe()
+    assert len(errors) == 1, describe(run)
     assert "conv1.weight" in errors[0] and "(64, 3, 7, 7)" in errors[0] and "(64, 3, 3, 3)" in errors[0], errors[0]
     assert committed_steps(out) == [8, 12] and not (out / "model").exists()
 
@@ -488,11 +397,11 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(reference: Reference
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGUSR1"])
 def test_other_stop_signals(cache_dir: str, driver: Path, tmp_path: Path, signame: str) -> None:
     out = tmp_path / "run"
-    run = run_train(cache_dir, out, driver=driver, plan={"mode": "transform", "n": 4, "signal": signame})
-    assert run.returncode == EXIT_PREEMPTED, run.describe()
+    run = train(cache_dir, out, driver=driver, plan={"mode": "transform", "n": 4, "signal": signame})
+    assert run.returncode == EXIT_PREEMPTED, describe(run)
     assert f"driver: sending {signame} before micro-batch transform 4" in run.stdout
-    assert f"stopped at step 2 after {signame}; checkpoint committed" in run.stdout, run.describe()
-    assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output
+    assert f"stopped at step 2 after {signame}; checkpoint committed" in run.stdout, describe(run)
+    assert "Traceback" not in output(run) and "KeyboardInterrupt" not in output(run)
     assert committed_steps(out) == [2]
     checkpointer = Checkpointer(str(out / "checkpoints"), keep_last=2, log=lambda m: None)
     assert checkpointer.latest() == f"{out}/checkpoints/step-00000002"  # checksums verified
@@ -504,7 +413,7 @@ def test_other_stop_signals(cache_dir: str, driver: Path, tmp_path: Path, signam
 
 
 class LauncherStop(NamedTuple):
-    run: Run
+    run: subprocess.CompletedProcess
     out: Path
     workers_left: list[int]  # worker pids still alive once the launcher had exited
 
@@ -514,11 +423,10 @@ def stop_launcher(cache_dir: str, out: Path, logs: Path, signum: int) -> Launche
     of its own) once step 3 is logged, wait for the launcher; kill whatever it left behind."""
     import psutil  # a dependency of accelerate
 
-    cmd = [sys.executable, "-m", "tinydist.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-           str(free_port()), "tinydist/train.py", *train_args(cache_dir, out, max_steps=60)]
+    cmd = train_command(train_args(cache_dir, out, max_steps=60), nprocs=2)
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=stdout, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=stdout, stderr=stderr, start_new_session=True)
     family: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -539,14 +447,15 @@ def stop_launcher(cache_dir: str, out: Path, logs: Path, signum: int) -> Launche
                 pass
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
         for p in family:  # workers this test started, by pid, whether or not the launcher is still there
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
         proc.wait()
-    return LauncherStop(Run(returncode, (logs / "stdout").read_text(), (logs / "stderr").read_text()), out, left)
+    result = subprocess.CompletedProcess(cmd, returncode, (logs / "stdout").read_text(), (logs / "stderr").read_text())
+    return LauncherStop(result, out, left)
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
@@ -555,14 +464,14 @@ def test_signal_to_the_launcher_stops_the_workers_and_exits_75(cache_dir: str, t
     stop = stop_launcher(cache_dir, tmp_path / "run", tmp_path / "logs", getattr(signal, signame))
     run = stop.run
     stopped = [line for line in run.stdout.splitlines() if line.startswith("stopped at step ")]
-    assert len(stopped) == 1 and stopped[0].endswith(f"after {signame}; checkpoint committed, exit 75"), run.describe()
+    assert len(stopped) == 1 and stopped[0].endswith(f"after {signame}; checkpoint committed, exit 75"), describe(run)
     step = int(stopped[0].split()[3])
     assert step > 3 and max(committed_steps(stop.out)) == step
     assert Checkpointer(str(stop.out / "checkpoints"), keep_last=2, log=lambda m: None).latest() == \
         f"{stop.out}/checkpoints/step-{step:08d}"
     assert not stop.workers_left, f"workers {stop.workers_left} outlived the launcher"
-    assert run.returncode == EXIT_PREEMPTED, run.describe()
-    assert "Traceback" not in run.stderr, run.describe()
+    assert run.returncode == EXIT_PREEMPTED, describe(run)
+    assert "Traceback" not in run.stderr, describe(run)
 
 
 # ---- 6. More SIGTERMs while the final checkpoint is being written ----------------------------------------------
@@ -573,14 +482,14 @@ def test_second_sigterm_during_final_save(reference: Reference, cache_dir: str, 
     out = tmp_path / "run"
     # First SIGTERM during step 8, a save step; the second inside Checkpointer.save on the main thread, a
     # third from the writer thread while the main thread waits for the commit.
-    run = run_train(cache_dir, out, driver=driver, plan={"mode": "double", "n": 16})
-    assert run.returncode == EXIT_PREEMPTED, run.describe()
+    run = train(cache_dir, out, driver=driver, plan={"mode": "double", "n": 16})
+    assert run.returncode == EXIT_PREEMPTED, describe(run)
     assert "driver: sending SIGTERM before micro-batch transform 16" in run.stdout
-    assert "driver: sending SIGTERM again, inside Checkpointer.save of step 8" in run.stdout, run.describe()
-    assert "driver: sending SIGTERM a third time, from the checkpoint writer thread" in run.stdout, run.describe()
+    assert "driver: sending SIGTERM again, inside Checkpointer.save of step 8" in run.stdout, describe(run)
+    assert "driver: sending SIGTERM a third time, from the checkpoint writer thread" in run.stdout, describe(run)
     assert run.stdout.count("SIGTERM received") == 1
-    assert "stopped at step 8 after SIGTERM; checkpoint committed" in run.stdout, run.describe()
-    assert "Traceback" not in run.output
+    assert "stopped at step 8 after SIGTERM; checkpoint committed" in run.stdout, describe(run)
+    assert "Traceback" not in output(run)
     assert committed_steps(out) == [4, 8]
     checkpointer = Checkpointer(str(out / "checkpoints"), keep_last=2, log=lambda m: None)
     assert checkpointer.latest() == f"{out}/checkpoints/step-00000008"  # checksums verified

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 
 from train_helpers import describe, read_metrics, run_train, tiny_args
+
+pytestmark = pytest.mark.slow  # every test here trains and resumes in subprocesses
 
 
 def test_changed_learning_rate_applies_from_the_resume_step(tmp_path, cache_dir):

@@ -5,36 +5,23 @@ would be. The second start resumes from the bucket, as a new spot VM would."""
 from __future__ import annotations
 
 import json
-import socket
-import uuid
 
 import pytest
 
+from faultinject import make_bucket, s3_env
 from train_helpers import describe, run_train, tiny_args, train_env
+
+pytestmark = pytest.mark.slow  # two training runs in subprocesses
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch):
+def s3(moto: str):
+    """A fresh bucket on the module's moto server (conftest.py), a boto3 client and the environment a
+    training process needs to reach it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    bucket = f"tinydist-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield client, bucket, env
-    finally:
-        server.stop()
+    bucket = make_bucket(moto)
+    return boto3.client("s3", endpoint_url=moto), bucket, s3_env(moto, max_attempts=None, retry_mode=None)
 
 
 def test_run_in_a_bucket_resumes_from_it(s3, cache_dir):

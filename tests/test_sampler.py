@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinydist.config import ConfigError  # noqa: E402
-from tinydist.sampler import GlobalSampler, accumulation_steps, eval_shard  # noqa: E402
+from tinydist.config import ConfigError
+from tinydist.sampler import GlobalSampler, eval_shard
 
 
 def step_by_global_index(num_samples, global_batch, micro_batch, world_size, step, seed=0):
@@ -103,32 +95,6 @@ def test_a_step_is_the_same_global_micro_batches_on_1_2_and_4_ranks(num_samples)
     # and a step is not the previous one again
     assert step_by_global_index(num_samples, global_batch, micro_batch, 2, 0) != \
         step_by_global_index(num_samples, global_batch, micro_batch, 2, 1)
-
-
-def test_accumulation_steps():
-    assert accumulation_steps(512, 64, 1) == 8
-    assert accumulation_steps(512, 64, 8) == 1
-    assert accumulation_steps(64, 32, 2) == 1
-    assert GlobalSampler(100, 512, 64, world_size=4).accumulation == 2
-
-
-@pytest.mark.parametrize("global_batch, micro_batch, world_size", [(512, 48, 2), (512, 128, 8), (96, 7, 1), (100, 10, 3)])
-def test_accumulation_error_lists_micro_batch_sizes_that_work(global_batch, micro_batch, world_size):
-    with pytest.raises(ConfigError) as e:
-        accumulation_steps(global_batch, micro_batch, world_size)
-    message = str(e.value)
-    assert "\n" not in message
-    assert f"{global_batch}" in message and f"{micro_batch}" in message and f"{world_size} processes" in message
-    if global_batch % world_size:  # nothing can work: say so instead of an empty list
-        assert message.endswith(f"no micro batch size fits {world_size} processes: it must be a multiple of the process count")
-        return
-    listed = [int(x) for x in message.rsplit(":", 1)[1].split(",")]
-    assert listed, message
-    for m in listed:  # every size it offers works
-        assert accumulation_steps(global_batch, m, world_size) * m * world_size == global_batch
-    assert max(listed) == global_batch // world_size  # the largest one is among them
-    with pytest.raises(ConfigError):
-        GlobalSampler(1000, global_batch, micro_batch, world_size)
 
 
 def test_permutation_depends_on_seed_and_epoch_only():

@@ -1,5 +1,6 @@
 """The training loop, end to end, as real processes: a gloo group of two, world-size independence,
 learning on real data, the softmax guard, trackers, metrics.jsonl, the exported model, batch arithmetic.
+Every test that runs a process is marked slow; the softmax guard's unit tests are the fast part.
 
 Every training process runs with one intra-op thread (train_helpers.train_env). The full smoke recipe
 (shared by the learning, metrics and export tests) is most of the cost: about 75 s of CPU.
@@ -12,7 +13,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,25 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import (PYTHON, REPO, SMOKE, committed_checkpoints, describe, load_model_dir,  # noqa: E402
-                           read_metrics, resnet18_parameter_names, run, run_train, tensorboard_scalars, tiny_args,
-                           train_env, wandb_history)
+from train_helpers import (PYTHON, SMOKE, committed_checkpoints, describe, error_lines, load_model_dir, read_metrics,
+                           resnet18_parameter_names, run, run_train, tensorboard_scalars, tiny_args, train_env,
+                           wandb_history)
 
-if str(REPO) not in sys.path:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(REPO))
-
-from tinydist.config import load_config  # noqa: E402
-from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step  # noqa: E402
+from tinydist.config import load_config
+from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step
 
 SUBPROCESS_TIMEOUT = 300
 SMOKE_TIMEOUT = 900  # the full recipe: ~45 s alone (one thread), several times that on a busy shared box
-
-
-def error_lines(stderr: str) -> list[str]:
-    """The `error: ...` messages; tinydist's progress bar (not silenced by TQDM_DISABLE) may precede one on
-    the same line, since tqdm ends its lines with \\r."""
-    return re.findall(r"error: [^\r\n]*", stderr)
 
 
 # ---- 1. two processes really form a group -----------------------------------------------------------------
@@ -66,6 +56,7 @@ acc.end_training()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_form_one_gloo_group(tmp_path):
     """`tinydist.launch --multi_gpu --num_processes 2` on a CPU-only box: make_accelerator() gives each
     process world size 2, distinct ranks 0 and 1, and collectives that span both processes."""
@@ -111,6 +102,7 @@ def tiny_pair(cache_dir, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_two_process_training_run(tiny_pair):
     out, result = tiny_pair[2]
     assert result.returncode == 0, describe(result)
@@ -122,6 +114,7 @@ def test_two_process_training_run(tiny_pair):
     assert train_steps == list(range(1, PAIR_STEPS + 1)), "one process should write metrics.jsonl, once per step"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(tiny_pair):
     (out2, run2), (out1, run1) = tiny_pair[2], tiny_pair[1]
     assert run2.returncode == 0, describe(run2)
@@ -200,6 +193,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_softmax_guard_stops_training_with_exit_2(cache_dir, tmp_path):
     driver = tmp_path / "softmax_driver.py"
     driver.write_text(SOFTMAX_DRIVER)
@@ -238,12 +232,14 @@ def _tracker_run(cache_dir, tmp_path, report_to: str, env):
     return out, run_train(args, env=env, timeout=SUBPROCESS_TIMEOUT)
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars(cache_dir, tmp_path):
     out, result = _tracker_run(cache_dir, tmp_path, "[tensorboard]", train_env())
     assert result.returncode == 0, describe(result)
     _assert_tensorboard_matches_metrics(out)
 
 
+@pytest.mark.slow
 def test_wandb_goes_offline_without_credentials_and_tensorboard(cache_dir, tmp_path):
     home = tmp_path / "home"  # no ~/.netrc, no wandb settings
     home.mkdir()
@@ -267,8 +263,10 @@ def test_wandb_goes_offline_without_credentials_and_tensorboard(cache_dir, tmp_p
 # ---- 8. batch arithmetic -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_arithmetic_two_processes_names_fitting_micro_batches(cache_dir, tmp_path):
-    """16 is a multiple of 16, but not of 16 x 2 processes: exit 2 and one line that lists what fits."""
+    """16 is a multiple of 16, but not of 16 x 2 processes: exit 2 and one line that lists what fits.
+    The one end-to-end test of the message; the arithmetic itself: test_config.py::test_batch_arithmetic."""
     out = str(tmp_path / "run")
     args = tiny_args(cache_dir, out, train__global_batch_size=16, train__micro_batch_size=16)
     result = run_train(args, nprocs=2, timeout=SUBPROCESS_TIMEOUT)
@@ -279,20 +277,6 @@ def test_batch_arithmetic_two_processes_names_fitting_micro_batches(cache_dir, t
     assert result.stderr.strip().splitlines()[-2] == errors[1]
     assert "2 processes" in errors[0] and re.search(r"\b1, 2, 4, 8\b", errors[0]), errors[0]
     assert committed_checkpoints(out) == []
-
-
-def test_batch_arithmetic_one_process_names_fitting_micro_batches(cache_dir, tmp_path, capsys):
-    """64 is not a multiple of 24: exit 2 before anything starts, one line that lists what fits."""
-    from tinydist.train import main
-
-    out = tmp_path / "run"
-    code = main(tiny_args(cache_dir, str(out), train__global_batch_size=64, train__micro_batch_size=24))
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2
-    assert len(lines) == 1 and lines[0].startswith("error:"), lines
-    assert "64" in lines[0] and "24" in lines[0], lines
-    assert re.search(r"\b1, 2, 4, 8, 16, 32, 64\b", lines[0]), f"should list the sizes dividing 64: {lines[0]}"
-    assert not out.exists(), "a config error must stop before anything is written"
 
 
 # ---- 3, 6, 7: the smoke recipe as is ------------------------------------------------------------------------
@@ -307,6 +291,7 @@ def smoke_run(cache_dir, tmp_path_factory):
     return out, args, result
 
 
+@pytest.mark.slow
 def test_smoke_recipe_learns_digits(smoke_run):
     out, _, result = smoke_run
     metrics = read_metrics(out)
@@ -317,6 +302,7 @@ def test_smoke_recipe_learns_digits(smoke_run):
     assert train[-1] < 0.5 * math.log(10) < train[0], f"train loss did not fall: {train}"
 
 
+@pytest.mark.slow
 def test_metrics_file_and_config_round_trip(smoke_run):
     out, args, result = smoke_run
     found = re.search(r"data: (\d+) train / (\d+) val images.*?(\d+) steps in all", result.stdout)
@@ -375,6 +361,7 @@ print("loaded", len(state), "tensors from", len(set(index["weight_map"].values()
 """
 
 
+@pytest.mark.slow
 def test_exported_model_loads_in_plain_torchvision(smoke_run, tmp_path):
     out, _, _ = smoke_run
     folder = os.path.join(out, "model")
@@ -392,6 +379,7 @@ def test_exported_model_loads_in_plain_torchvision(smoke_run, tmp_path):
         assert torch.equal(tensor, checkpoint[name]), name
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_final_validation(smoke_run, cache_dir):
     out, _, _ = smoke_run
     result = run([PYTHON, "-m", "tinydist.evaluate", "--checkpoint", os.path.join(out, "model"),
@@ -405,6 +393,7 @@ def test_evaluate_cli_reproduces_final_validation(smoke_run, cache_dir):
     assert scores["images"] == 299  # digits: 1797 images, one sixth held out
 
 
+@pytest.mark.slow
 def test_wandb_run_continues_after_resume(cache_dir, tmp_path):
     """A resumed run logs to the same W&B run id (stored in the checkpoint) and its steps continue
     where the first part stopped: one curve, not two halves."""

@@ -1,12 +1,15 @@
-"""Helpers for tests that run tinydist's training as real processes (one, or a gloo group of two).
+"""Helpers for tests that run tinydist's training as real processes (one, or a gloo group of two): the
+one place where tests start, wait for and kill subprocesses, and read what a run left behind.
 
     from train_helpers import run_train, tiny_args, load_model_dir, read_metrics
+    from train_helpers import run, start, finish, describe, error_lines, wait_for
 
 Every run starts from the repository root with `env` (default: train_env(): a copy of os.environ,
 which conftest.py has made offline, plus OMP_NUM_THREADS=1 and PYTHONPATH=<repo>, so driver scripts
 can `import tinydist`).
-A run that outlives its timeout is killed with its whole process group (launcher and workers),
-then pytest.fail() says so, with the tail of its output.
+A run that outlives its timeout is killed with its whole process tree (launcher and workers: torchrun
+gives each worker a session of its own, so the launcher's process group alone would miss them), then
+pytest.fail() says so, with the tail of its output. Every test that uses these is marked `slow`.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import pytest
+
+from faultinject import free_port, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -28,12 +36,6 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 # Small enough for a 2-core CPU: 16x16 images (the ImageNet stem), a few steps, a subset of digits.
 TINY = {"data.image_size": 16, "train.max_steps": 4, "data.max_train_samples": 256, "data.max_val_samples": 64}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_args(cache_dir: str, output_dir: str, config: str = SMOKE, **overrides: Any) -> list[str]:
@@ -69,24 +71,34 @@ def train_command(args: Sequence[str], nprocs: int = 1, script: Optional[str] = 
             "--main_process_port", str(free_port()), script or "tinydist/train.py", *args]
 
 
-def run(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 300,
-        cwd: Optional[str] = None) -> subprocess.CompletedProcess:
-    """Run `cmd` in its own session; on timeout kill the whole group and fail the test."""
-    proc = subprocess.Popen(list(cmd), cwd=cwd or str(REPO), env=dict(env) if env is not None else train_env(),
+def start(cmd: Sequence[Any], env: Optional[Mapping[str, str]] = None,
+          cwd: Optional[Union[str, os.PathLike[str]]] = None) -> subprocess.Popen:
+    """Start `cmd` (from the repository root, in a session of its own, output captured as text)."""
+    return subprocess.Popen([str(c) for c in cmd], cwd=str(cwd or REPO),
+                            env=dict(env) if env is not None else train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a start()ed process; past `timeout`, kill its whole tree and fail the test."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
         out, err = proc.communicate()
-        import pytest
-
-        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s; killed.\n"
+        pytest.fail(f"{' '.join(map(str, proc.args))} still running after {timeout} s; killed.\n"
                     f"stdout tail:\n{out[-3000:]}\nstderr tail:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(cmd: Sequence[Any], env: Optional[Mapping[str, str]] = None, timeout: float = 300,
+        cwd: Optional[Union[str, os.PathLike[str]]] = None) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session; on timeout kill the whole tree and fail the test."""
+    return finish(start(cmd, env, cwd), timeout)
 
 
 def run_train(args: Sequence[str], nprocs: int = 1, env: Optional[Mapping[str, str]] = None,
@@ -99,6 +111,22 @@ def describe(result: subprocess.CompletedProcess, tail: int = 4000) -> str:
     """For assertion messages: exit code and the ends of both streams."""
     return (f"exit {result.returncode}: {' '.join(map(str, result.args))}\n"
             f"--- stdout ---\n{result.stdout[-tail:]}\n--- stderr ---\n{result.stderr[-tail:]}")
+
+
+def error_lines(output: Union[str, subprocess.CompletedProcess]) -> list[str]:
+    """The `error: ...` lines of a run's stderr (or of `output`). tinydist's progress bar (tqdm ends its
+    lines with \\r) may precede one on the same terminal line, so \\r starts a line too."""
+    text = output if isinstance(output, str) else output.stderr
+    return re.findall(r"(?m)(?:^|\r)(error: [^\r\n]*)", text)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll `predicate` until true; past `timeout`, an AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
 
 
 def read_metrics(output_dir: str) -> list[dict[str, Any]]:
