@@ -40,6 +40,7 @@ from tinydist.storage import TMP_TAG, Storage, StorageError, StorageFullError, m
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE
 
 __all__ = ["Checkpointer", "CheckpointError", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
+EMA_KEY = "\0ema/"  # prefix of EMA tensors inside a snapshot; no parameter or state name holds a NUL
 
 
 class _Superseded(Exception):
@@ -96,7 +97,8 @@ class Checkpointer:
                  rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
                  commit_timeout_s: float = 1800.0, storage_options: Optional[dict[str, Any]] = None,
                  max_outage_s: float = 1800.0, retry_s: float = 2.0, max_retry_s: float = 60.0,
-                 lease: Optional[Lease] = None, peers: Optional[Peers] = None) -> None:
+                 lease: Optional[Lease] = None, peers: Optional[Peers] = None,
+                 best_metric: Optional[str] = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}; expected at least 1")
         if not 0 <= rank < world_size:
@@ -107,12 +109,13 @@ class Checkpointer:
         self.rank, self.world_size, self.log, self.commit_timeout_s = rank, world_size, log, commit_timeout_s
         self.max_outage_s, self.retry_s, self.max_retry_s, self.lease = max_outage_s, retry_s, max_retry_s, lease
         self.peers = peers
+        self.best_metric = best_metric  # keep the commit with the highest meta["metrics"][best_metric] too
+        self._metric_of: dict[str, Optional[float]] = {}  # folder -> its metric, read once per folder
         self.fault: Optional[BaseException] = None  # set when the run should stop (outage too long)
         self.last_error: Optional[BaseException] = None  # the last save's failure, if it failed
         self._failing_since: Optional[float] = None  # first failure since the last good save
         self._inflight: Optional[_InFlight] = None
         self._host_buffers: dict[str, torch.Tensor] = {}
-        self._verified: Optional[tuple[str, dict, dict[str, bytes]]] = None
 
     # ---- saving ------------------------------------------------------------------------------------------
     def _to_host(self, tensors: dict[str, torch.Tensor], prefix: str,
@@ -214,11 +217,13 @@ class Checkpointer:
         return seconds * (1.0 + optim_bytes / model_bytes)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             meta: dict, *, blocking: bool = False) -> None:
+             meta: dict, *, blocking: bool = False, ema: Optional[torch.nn.Module] = None) -> None:
         """Snapshot model + optimizer to host memory (see `_snapshot`: the loop is not stalled, but must call
         `snapshot_barrier()` before its next optimizer step), then write (and on rank 0 commit) in the background.
         blocking=True (final and preemption saves): return once committed, retrying storage faults until
-        `max_outage_s`; raises StorageFullError / TransientError / CheckpointError if it could not."""
+        `max_outage_s`; raises StorageFullError / TransientError / CheckpointError if it could not.
+        `ema` (the weights' moving average, ema.py) is saved as a third sharded set: it changes only
+        after an optimizer step, so it is copied with the optimizer state."""
         self._supersede_or_wait()
         name = step_folder(step)
         where = self.storage.show(name)
@@ -232,6 +237,8 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where}: meta uses reserved keys {clash}; "
                                   f"expected none of {list(fmt.RESERVED)}")
         optim_tensors, optim_json = fmt.flatten_optimizer(where, model, optimizer)
+        if ema is not None:  # "ema/" keys ride with the optimizer's and are split out by the writer
+            optim_tensors = {**optim_tensors, **{f"{EMA_KEY}{k}": v for k, v in ema.state_dict().items()}}
         state = {**meta, "step": step, "format": fmt.FORMAT, "world_size": self.world_size,
                  "versions": fmt.versions(), "optimizer": optim_json}
         self.last_error = None
@@ -357,7 +364,11 @@ class Checkpointer:
         part = f"part-{self.rank:05d}.json"
         self.storage.remove(f"{name}/{part}")  # left by an interrupted attempt: must not pass for this one
         files: dict[str, dict[str, Any]] = {}
-        for prefix, tensors in (("model", model), ("optimizer", optim)):
+        ema = {k[len(EMA_KEY):]: v for k, v in optim.items() if k.startswith(EMA_KEY)}
+        optim = {k: v for k, v in optim.items() if not k.startswith(EMA_KEY)}
+        for prefix, tensors in (("model", model), ("optimizer", optim), ("ema", ema)):
+            if not tensors and prefix == "ema":
+                continue
             split = split_torch_state_dict_into_shards(tensors, filename_pattern=prefix + "{suffix}.safetensors",
                                                        max_shard_size=self.max_shard_size)
             for i, (filename, keys) in enumerate(sorted(split.filename_to_tensors.items())):
@@ -446,9 +457,10 @@ class Checkpointer:
         folders = [(step, name, self._is_committed(name)) for step, name in self._step_folders()]
         committed = [name for _, name, ok in folders if ok]
         newest = max((step for step, _, ok in folders if ok), default=-1)
+        keep = set(committed[-self.keep_last:]) | {self._best_name(committed)} - {None}
         for step, name, ok in folders:
             stale = not ok and (step < newest or everything_uncommitted)
-            if (ok and name not in committed[-self.keep_last:]) or stale:
+            if (ok and name not in keep) or stale:
                 if ok:  # marker first: a half-deleted checkpoint must never look committed
                     self.storage.remove(f"{name}/{MARKER}")
                 self.storage.remove(name, recursive=True)
@@ -463,24 +475,64 @@ class Checkpointer:
                 if TMP_TAG in entry:
                     self.storage.remove(entry)
 
+    def _metric(self, name: str) -> Optional[float]:
+        """The best_metric recorded in a committed folder's state.json (None: not evaluated at that step)."""
+        if name not in self._metric_of:
+            try:
+                value = fmt.read_state(self.storage, name).get("metrics", {}).get(self.best_metric)
+            except (CheckpointError, AttributeError):
+                value = None
+            self._metric_of[name] = float(value) if isinstance(value, (int, float)) and not isinstance(
+                value, bool) and value == value else None
+        return self._metric_of[name]
+
+    def _best_name(self, committed: list[str]) -> Optional[str]:
+        if not self.best_metric:
+            return None
+        scored = [(self._metric(name), step, name) for step, name in
+                  ((int(fmt.STEP_DIR.match(n).group(1)), n) for n in committed)]
+        scored = [entry for entry in scored if entry[0] is not None]
+        return max(scored)[2] if scored else None  # ties: the later step
+
+    def best(self) -> Optional[str]:
+        """The committed checkpoint with the highest `best_metric` (ties: the newer), if any was scored."""
+        name = self._best_name([n for _, n in self._step_folders() if self._is_committed(n)])
+        return self.storage.show(name) if name else None
+
     # ---- finding and loading -----------------------------------------------------------------------------
     def committed(self) -> list[str]:
         """Committed checkpoint paths (folders with their marker), oldest first; checksums not checked."""
         return [self.storage.show(name) for _, name in self._step_folders() if self._is_committed(name)]
 
-    def latest(self) -> Optional[str]:
-        """Newest committed checkpoint whose files verify; every damaged one (torn, truncated, bit rot) is
+    def latest(self, older_than: Optional[int] = None) -> Optional[str]:
+        """Newest committed checkpoint (below step `older_than`) whose marker, state.json and file sizes
+        check out, without downloading its tensors (ckpt_format.check_committed); every damaged one is
         skipped with one line. One that is sealed but invalid (edited) raises InvalidCheckpointError."""
-        for _, name in reversed(self._step_folders()):
+        for step, name in reversed(self._step_folders()):
+            if older_than is not None and step >= older_than:
+                continue
             try:
-                state, files = fmt.verify(self.storage, name)
+                fmt.check_committed(self.storage, name)
             except fmt.InvalidCheckpointError:
                 raise  # edited, not damaged: refuse rather than fall back silently
             except CheckpointError as e:
                 self.log(f"skipping {e}")
                 continue
-            self._verified = (name, state, files)  # load() right after needs no second download
             return self.storage.show(name)
+        return None
+
+    def load_latest(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    ema: Optional[torch.nn.Module] = None) -> Optional[tuple[str, dict]]:
+        """Load the newest checkpoint that verifies while it is read; (path, state.json), or None when
+        there is none. Damage that only a full read finds (bit rot inside a shard) falls back to the
+        next older checkpoint, with one line; anything else (edited, does not fit the model) raises."""
+        older_than: Optional[int] = None
+        while (path := self.latest(older_than)) is not None:
+            try:
+                return path, self.load(path, model, optimizer, ema)
+            except fmt.DamagedCheckpointError as e:
+                self.log(f"skipping {e}")
+                older_than = int(fmt.STEP_DIR.match(path.rstrip("/").rpartition("/")[2]).group(1))
         return None
 
     def _locate(self, path: str) -> tuple[Storage, str]:
@@ -490,34 +542,47 @@ class Checkpointer:
             return self.storage, name
         return Storage(parent or "."), name
 
-    def load(self, path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-        """Verify ``path``, load it into ``model`` (strict) and ``optimizer``; return the saved state.json."""
+    def load(self, path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+             ema: Optional[torch.nn.Module] = None) -> dict:
+        """Load ``path`` into ``model`` (strict), ``optimizer`` and ``ema`` (when the checkpoint kept one;
+        otherwise `ema` is left as it is), every file verified as it is read; return state.json."""
         storage, name = self._locate(path)
-        cache: Optional[dict[str, bytes]] = None
-        if storage is self.storage and self._verified is not None and self._verified[0] == name:
-            _, state, cache = self._verified
-        else:
-            state = fmt.read_state(storage, name)
-        self._verified = None
-        saved = fmt.load_tensors(storage, name, state, "model", cache)
-        hint = "saved with another model.stem or number of classes?"
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path}: model tensors missing from the checkpoint {missing[:3]} "
-                                  f"({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all); "
-                                  f"expected exactly the model's state_dict keys ({hint})")
-        for key, want in expected.items():
-            got = saved[key]
-            if got.shape != want.shape or got.dtype != want.dtype:
-                raise CheckpointError(f"checkpoint {path}: tensor {key} has shape {tuple(got.shape)} {got.dtype} in "
-                                      f"the checkpoint but the model expects {tuple(want.shape)} {want.dtype}; {hint}")
+        state = fmt.read_state(storage, name)
+        saved = fmt.load_tensors(storage, name, state, "model")
+        check_fits(path, saved, model.state_dict())
         # Everything is validated before anything is touched: a failed load leaves model and optimizer as they were.
-        optimizer_state = None
+        optimizer_state, ema_saved = None, None
         if optimizer is not None:
-            tensors = fmt.load_tensors(storage, name, state, "optimizer", cache)
+            tensors = fmt.load_tensors(storage, name, state, "optimizer")
             optimizer_state = fmt.unflatten_optimizer(path, state["optimizer"], tensors, model, optimizer)
+        if ema is not None and "ema" in fmt.tensor_sets(state):
+            ema_saved = fmt.load_tensors(storage, name, state, "ema")
+            check_fits(path, ema_saved, ema.state_dict())
         model.load_state_dict(saved, strict=True)  # copies into the model's tensors, whatever their device
         if optimizer is not None:
             optimizer.load_state_dict(optimizer_state)  # casts to each param's device (and dtype, except step)
+        if ema_saved is not None:
+            ema.load_state_dict(ema_saved, strict=True)
         return state
+
+
+    def read_tensors(self, path: str, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """One verified sharded set of a committed checkpoint (model, optimizer or ema) and its state.json."""
+        storage, name = self._locate(path)
+        state = fmt.read_state(storage, name)
+        return state, fmt.load_tensors(storage, name, state, prefix)
+
+
+def check_fits(path: str, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Saved tensors must be exactly the module's state_dict: same keys, shapes and dtypes."""
+    hint = "saved with another model.stem or number of classes?"
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path}: model tensors missing from the checkpoint {missing[:3]} "
+                              f"({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all); "
+                              f"expected exactly the model's state_dict keys ({hint})")
+    for key, want in expected.items():
+        got = saved[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(f"checkpoint {path}: tensor {key} has shape {tuple(got.shape)} {got.dtype} in "
+                                  f"the checkpoint but the model expects {tuple(want.shape)} {want.dtype}; {hint}")

@@ -42,6 +42,11 @@ class CheckpointError(Exception):
         super().__init__(one_line(message))
 
 
+class DamagedCheckpointError(CheckpointError):
+    """Storage-level damage: a missing, truncated or bit-flipped file, or no marker. The loader falls
+    back to an older checkpoint; nobody chose this state."""
+
+
 class InvalidCheckpointError(CheckpointError):
     """Sealed (every checksum matches) yet invalid: edited by hand or by another program. Unlike damage
     (a torn write, bit rot), which is skipped in favour of an older checkpoint, this is refused: falling
@@ -251,14 +256,14 @@ def read_state(storage: Storage, folder: str) -> dict:
     try:
         marker = storage.read(f"{folder}/{MARKER}").decode(errors="replace").strip()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {where}: missing {MARKER} marker (save interrupted or still in "
+        raise DamagedCheckpointError(f"checkpoint {where}: missing {MARKER} marker (save interrupted or still in "
                               "flight); expected a committed checkpoint") from None
     try:
         data = storage.read(f"{folder}/{STATE}")
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {where}: {STATE} is missing; expected it next to {MARKER}") from None
+        raise DamagedCheckpointError(f"checkpoint {where}: {STATE} is missing; expected it next to {MARKER}") from None
     if sha256(data) != marker:
-        raise CheckpointError(f"checkpoint {where}: checksum mismatch on file {STATE}; expected the one in {MARKER}")
+        raise DamagedCheckpointError(f"checkpoint {where}: checksum mismatch on file {STATE}; expected the one in {MARKER}")
     try:
         state = json.loads(data)
     except ValueError as e:
@@ -275,14 +280,14 @@ def read_file(storage: Storage, folder: str, name: str, state: dict) -> bytes:
     try:
         data = storage.read(f"{folder}/{name}")
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {where}: file {name} listed in {STATE} is missing; "
+        raise DamagedCheckpointError(f"checkpoint {where}: file {name} listed in {STATE} is missing; "
                               "expected every listed file to be present") from None
     expected = state["files"][name]
     if len(data) != expected["bytes"]:
-        raise CheckpointError(f"checkpoint {where}: size mismatch on file {name} ({len(data)} bytes); "
+        raise DamagedCheckpointError(f"checkpoint {where}: size mismatch on file {name} ({len(data)} bytes); "
                               f"expected {expected['bytes']} bytes (truncated?)")
     if sha256(data) != expected["sha256"]:
-        raise CheckpointError(f"checkpoint {where}: checksum mismatch on file {name}; "
+        raise DamagedCheckpointError(f"checkpoint {where}: checksum mismatch on file {name}; "
                               f"expected sha256 {expected['sha256']}")
     return data
 
@@ -320,7 +325,7 @@ def load_tensors(storage: Storage, folder: str, state: dict, prefix: str,
         try:
             tensors.update(safetensors.torch.load(data))
         except safetensors.SafetensorError as e:
-            raise CheckpointError(f"checkpoint {where}: {shard} is not a safetensors file ({e}); "
+            raise DamagedCheckpointError(f"checkpoint {where}: {shard} is not a safetensors file ({e}); "
                                   "expected safetensors bytes") from None
     absent = sorted(k for k in mapping if k not in tensors)
     if absent:
@@ -329,11 +334,32 @@ def load_tensors(storage: Storage, folder: str, state: dict, prefix: str,
     return tensors
 
 
+def check_committed(storage: Storage, folder: str) -> dict:
+    """The cheap check of a committed folder, without downloading its tensors: marker, state.json
+    (schema and checksum) and one listing that every file it names is there at its size. Bit rot
+    inside a shard is found while loading, which reads (and hashes) every file once."""
+    state = read_state(storage, folder)
+    sizes = storage.sizes(folder)
+    for name, meta in state["files"].items():
+        if name not in sizes:
+            raise DamagedCheckpointError(f"checkpoint {storage.show(folder)}: file {name} listed in {STATE} is "
+                                         "missing; expected every listed file to be present")
+        if sizes[name] != meta["bytes"]:
+            raise DamagedCheckpointError(f"checkpoint {storage.show(folder)}: size mismatch on file {name} "
+                                         f"({sizes[name]} bytes); expected {meta['bytes']} bytes (truncated?)")
+    return state
+
+
+def tensor_sets(state: dict) -> list[str]:
+    """The sharded sets a checkpoint holds: model, optimizer, and ema where it was kept."""
+    return [p for p in ("model", "optimizer", "ema") if f"{p}.safetensors.index.json" in state["files"]]
+
+
 def verify(storage: Storage, folder: str) -> tuple[dict, dict[str, bytes]]:
     """Everything a load checks at the storage level (marker, schema, indexes, sizes, sha256); returns
-    the state and the verified bytes, so that loading right after needs no second download."""
+    the state and the verified bytes."""
     state = read_state(storage, folder)
     files = {name: read_file(storage, folder, name, state) for name in state["files"]}
-    for prefix in ("model", "optimizer"):
+    for prefix in tensor_sets(state):
         weight_map(storage, folder, state, prefix, files)
     return state, files

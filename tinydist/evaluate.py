@@ -21,27 +21,37 @@ from tinydist.sampler import eval_shard
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device: torch.device,
              world_size: int = 1, rank: int = 0, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-             channels_last: bool = True, autocast: Any = None) -> dict[str, float]:
+             channels_last: bool = True, autocast: Any = None, flip: bool = False,
+             prefix: str = "val") -> dict[str, float]:
     """Each rank scores a disjoint slice; sums are reduced, so every image counts exactly once.
-    `model` must be the bare module: a DDP forward is a collective and ranks may hold uneven batches."""
+    `model` must be the bare module: a DDP forward is a collective and ranks may hold uneven batches.
+    With `flip`, the mirrored images are scored too and the averaged logits reported as
+    `{prefix}/top1_flip` (and top5_flip), beside the plain metrics, so curves stay comparable."""
     was_training = model.training
     model.eval()
     k = min(5, len(cache.classes))
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, count, top1_flip, top5_flip
     for indices in eval_shard(len(cache), batch_size, world_size, rank):
         images, labels = to_device(cache.gather(indices), cache.labels[indices], device)
+        inputs = eval_transform(images, channels_last)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(eval_transform(images, channels_last)).float()
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(labels[:, None])
+            logits = model(inputs).float()
+            mirrored = model(inputs.flip(3)).float() if flip else None
+        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        flip_hits = ((logits + mirrored).topk(k, dim=1).indices.eq(labels[:, None]) if mirrored is not None
+                     else torch.zeros_like(hits))
         totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                                hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               torch.tensor(len(indices), dtype=torch.float64, device=device)])
+                               torch.tensor(len(indices), dtype=torch.float64, device=device),
+                               flip_hits[:, 0].sum().double(), flip_hits.any(1).sum().double()])
     if reduce is not None:
         totals = reduce(totals)
     model.train(was_training)
-    loss, top1, top5, count = totals.tolist()
-    return {"val/loss": loss / count, "val/top1": top1 / count, "val/top5": top5 / count}
+    loss, top1, top5, count, top1_flip, top5_flip = totals.tolist()
+    metrics = {f"{prefix}/loss": loss / count, f"{prefix}/top1": top1 / count, f"{prefix}/top5": top5 / count}
+    if flip:
+        metrics.update({f"{prefix}/top1_flip": top1_flip / count, f"{prefix}/top5_flip": top5_flip / count})
+    return metrics
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

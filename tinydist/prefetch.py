@@ -18,6 +18,8 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 import torch
 
 from tinydist.augment import batch_generator, crop_flip_params
+from tinydist.config import MixConfig
+from tinydist.mix import INACTIVE, MixParams, draw_mix
 from tinydist.sampler import GlobalSampler
 
 
@@ -28,14 +30,15 @@ class Ready(NamedTuple):
     labels: torch.Tensor  # (B,) int64 on the device
     theta: torch.Tensor  # (B, 2, 3) crop + flip parameters on the device
     ready: Optional[Any]  # CUDA event after which the copies are done; None on the CPU
+    mix: MixParams = INACTIVE  # CutMix/MixUp drawn for it (mix.py), from the same generator, after the crops
 
 
 class Prefetcher:
     """Iterate the micro-batches of this rank for steps [start, stop), `depth` micro-batches ahead."""
 
     def __init__(self, data: Any, sampler: GlobalSampler, start: int, stop: int, device: torch.device, seed: int,
-                 crop_scale: Sequence[float], hflip: bool, depth: int = 2) -> None:
-        self.data, self.sampler, self.device = data, sampler, device
+                 crop_scale: Sequence[float], hflip: bool, mix: Optional[MixConfig] = None, depth: int = 2) -> None:
+        self.data, self.sampler, self.device, self.mix = data, sampler, device, mix
         self.seed, self.scale, self.hflip = seed, (crop_scale[0], crop_scale[1]), hflip
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -54,16 +57,17 @@ class Prefetcher:
     def _load(self, step: int, micro: Any) -> Ready:
         pixels, labels = self.data.gather(micro.indices), self.data.labels[micro.indices]
         n, height, width, _ = pixels.shape
-        theta = crop_flip_params(n, height, width, batch_generator(self.seed, micro.epoch, micro.index),
-                                 self.scale, hflip=self.hflip)
+        generator = batch_generator(self.seed, micro.epoch, micro.index)
+        theta = crop_flip_params(n, height, width, generator, self.scale, hflip=self.hflip)
+        mix = draw_mix(self.mix, n, height, width, generator) if self.mix is not None else INACTIVE
         host = (torch.from_numpy(pixels), torch.from_numpy(labels), theta)
         if self._stream is None:
-            return Ready(step, micro.index, *host, None)
+            return Ready(step, micro.index, *host, None, mix)
         with torch.cuda.stream(self._stream):
             images, targets, thetas = (t.pin_memory().to(self.device, non_blocking=True) for t in host)
             event = torch.cuda.Event()
             event.record(self._stream)
-        return Ready(step, micro.index, images, targets, thetas, event)
+        return Ready(step, micro.index, images, targets, thetas, event, mix)
 
     def _items(self, start: int, stop: int) -> Iterator[Ready]:
         for step in range(start, stop):

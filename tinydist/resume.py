@@ -2,7 +2,8 @@
 
 ckpt_format.py checks what any checkpoint holds (files, checksums, tensors, optimizer state); here
 the training loop's own fields of state.json are checked against the run being resumed: counters
-that agree with each other, the schedule's state, and the settings a resume cannot change.
+that agree with each other, and the settings a resume cannot change. (The learning rate is a
+function of the step, optim.lr_at: nothing of it is saved.)
 """
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import torch
+
 from tinydist import config as config_lib
 from tinydist.checkpoint import Checkpointer, CheckpointError
 from tinydist.config import Config, ConfigError
 
 
-def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
+def load_resume_point(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, ema: Optional[torch.nn.Module] = None) -> Optional[tuple[str, dict]]:
+    """Load what checkpoint.resume names into model, optimizer and ema: (path, state.json), or None to
+    start fresh. `auto` takes the newest checkpoint that verifies as it is read, falling back past
+    damaged ones; an explicit path must verify itself."""
     resume = cfg.checkpoint.resume
     if resume == "auto":
-        return checkpointer.latest()
+        return checkpointer.load_latest(model, optimizer, ema)
     if resume == "never":
         existing = checkpointer.committed()
         if existing:
@@ -28,7 +35,7 @@ def resume_path(cfg: Config, checkpointer: Checkpointer) -> Optional[str]:
                               f"--checkpoint.dir={config_lib.checkpoint_dir(cfg).rstrip('/')}-new), or continue "
                               "them with checkpoint.resume=auto")
         return None
-    return resume
+    return resume, checkpointer.load(resume, model, optimizer, ema)
 
 
 def check_resume_state(path: str, meta: dict, cfg: Config, dataset_size: int) -> int:
@@ -61,11 +68,6 @@ def check_resume_state(path: str, meta: dict, cfg: Config, dataset_size: int) ->
             raise bad(f"step {step}", f"at most the {limit} steps its own config trains")
     if not isinstance(meta.get("wandb_run_id"), (str, type(None))):
         raise bad(f"wandb_run_id {meta.get('wandb_run_id')!r}", "a string or null")
-    saved_schedule = meta.get("schedule")
-    last = saved_schedule.get("last_epoch") if isinstance(saved_schedule, dict) else saved_schedule
-    if last != step:  # the rates themselves come from the config in effect (schedule_at), not from here
-        raise bad(f"learning-rate schedule state (last_epoch {last!r}) does not fit step {step}",
-                  f"last_epoch = {step}")
     return step
 
 

@@ -109,8 +109,11 @@ class MetricsFile:
 class RunLog:
     """Main process only: metrics file + Accelerate trackers. Other ranks get a RunLog that does nothing."""
 
-    def __init__(self, accelerator: Any, cfg: Config, run_id: Optional[str], resume_step: Optional[int]):
+    def __init__(self, accelerator: Any, cfg: Config, run_id: Optional[str], resume_step: Optional[int],
+                 dataset_size: int = 0):
         self.accelerator = accelerator
+        # Every record says where in training it is: epoch and samples follow from the step.
+        self.global_batch, self.dataset_size = cfg.train.global_batch_size, dataset_size
         self.active = accelerator.is_main_process
         self.run_id = run_id
         self.uses_wandb = "wandb" in cfg.log.report_to
@@ -129,17 +132,22 @@ class RunLog:
                                     "name": cfg.log.run_name or os.path.basename(cfg.train.output_dir.rstrip("/"))}
         accelerator.init_trackers(cfg.log.project, config=flatten(to_dict(cfg)), init_kwargs=init_kwargs)
 
-    def log(self, metrics: dict[str, float], step: int, epoch: float, samples: int, **extra: Any) -> None:
+    def position(self, step: int) -> dict[str, Any]:
+        samples = step * self.global_batch
+        return {"step": step, "epoch": round(samples / self.dataset_size, 4) if self.dataset_size else 0.0,
+                "samples": samples}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
-        self.metrics.write({"step": step, "epoch": round(epoch, 4), "samples": samples, **extra, **metrics})
+        self.metrics.write({**self.position(step), **metrics})
         if metrics:
             self.accelerator.log(metrics, step=step)
 
-    def event(self, name: str, step: int, epoch: float, samples: int, **details: Any) -> None:
+    def event(self, name: str, step: int, **details: Any) -> None:
         """Resume and preemption marks, for the report's picture; not sent to the trackers."""
         if self.active:
-            self.metrics.write({"step": step, "epoch": round(epoch, 4), "samples": samples, "event": name, **details})
+            self.metrics.write({**self.position(step), "event": name, **details})
             self.metrics.flush()
 
     def flush(self) -> None:

@@ -13,6 +13,8 @@ dir leased by a live job (relaunch with backoff); 2 bad config, data or checkpoi
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import math
 import os
@@ -34,6 +36,7 @@ from tinydist import config as config_lib
 from tinydist.augment import augment
 from tinydist.cadence import SaveClock
 from tinydist.checkpoint import CheckpointError, Checkpointer
+from tinydist.ckpt_format import step_folder, tensor_sets
 from tinydist.config import Config, ConfigError, HelpRequested, load_config
 from tinydist.console import Console
 from tinydist.data import load_split
@@ -41,19 +44,25 @@ from tinydist.evaluate import evaluate
 from tinydist.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT, TransientError
 from tinydist.export import export_model
 from tinydist.hostmem import keep_freed_memory
+from tinydist.labels import class_names
 from tinydist.launch import EXIT_DIR_ENV, record_exit_code
+from tinydist.ema import ModelEma
 from tinydist.lease import Lease
+from tinydist.mix import apply_mix, mix_enabled, soft_cross_entropy
 from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.notice import watch_in_background
-from tinydist.optim import apply_hyperparameters, build_optimizer, build_schedule, schedule_at
+from tinydist.optim import apply_hyperparameters, build_optimizer, lr_at, set_lr
 from tinydist.peers import Peers, is_peer_failure
+from tinydist.precise_bn import recompute_bn_statistics
 from tinydist.prefetch import Prefetcher
 from tinydist.preempt import StopFlag
-from tinydist.resume import check_resume_state, config_changes, resume_path
+from tinydist.report import curves_png
+from tinydist.resume import check_resume_state, config_changes, load_resume_point
 from tinydist.retry import retry_storage
 from tinydist.sampler import GlobalSampler
 from tinydist.storage import Storage, StorageFullError
 from tinydist.tracking import RunLog, local_staging_dir
+from tinydist.triggers import Triggers
 
 
 def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
@@ -161,29 +170,30 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         num_classes = len(train_data.classes)
         sampler = GlobalSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size, world,
                                 rank, cfg.train.seed)
-        accelerator.gradient_accumulation_steps = sampler.accumulation
+        accumulation = sampler.accumulation
         total_steps = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
         last_step = min(total_steps, cfg.train.max_steps or total_steps)
         warmup_steps = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
+        triggers = Triggers(cfg, sampler.steps_per_epoch, last_step)
         say(f"data: {len(train_data)} train / {len(val_data)} val images, {num_classes} classes; global batch "
             f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {world} processes x "
-            f"{sampler.accumulation} accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} "
+            f"{accumulation} accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} "
             "steps in all")
 
-        # Model, optimizer and schedule: a pure function of the config and seed.
+        # Model and optimizer: a pure function of the config and seed; the learning rate, of the step.
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, num_classes)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
         bare_model = model  # torchvision keys, no DDP/compile wrapper: what checkpoints and eval use
         optimizer = build_optimizer(cfg.optim, model)
-        schedule = build_schedule(cfg.optim, optimizer, total_steps, warmup_steps)
         if accelerator.mixed_precision == "fp16":
             raise ConfigError("mixed precision fp16 is not supported: its loss scaler skips steps, so a resumed run "
                               "would not retrace the original; use bf16 (`--mixed_precision bf16`), which needs no "
                               "scaler, or no mixed precision")
-        model, optimizer = accelerator.prepare(model, optimizer)  # not the schedule: see optim.py
+        model, optimizer = accelerator.prepare(model, optimizer)
         bn_statistics = BNStatistics(bare_model)
+        ema = ModelEma(bare_model, cfg.ema) if cfg.ema.enabled else None
         if cfg.model.compile:
             model = torch.compile(model)
 
@@ -192,38 +202,39 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
                                     max_shard_size=cfg.checkpoint.max_shard_size, rank=rank, world_size=world,
                                     log=say, max_outage_s=cfg.checkpoint.max_outage_s, retry_s=cfg.checkpoint.retry_s,
-                                    lease=lease, peers=peers, commit_timeout_s=cfg.train.peer_timeout_s)
+                                    lease=lease, peers=peers, commit_timeout_s=cfg.train.peer_timeout_s,
+                                    best_metric=None if cfg.checkpoint.best_metric == "none" else cfg.checkpoint.best_metric)
         if lease is not None:  # we alone write here now: what earlier jobs left half-written can go
             checkpointer.cleanup(everything_uncommitted=True)
         accelerator.wait_for_everyone()
         step, meta = 0, {}
-        path = resume_path(cfg, checkpointer)
-        if path is not None:
-            meta = checkpointer.load(path, bare_model, optimizer.optimizer)
+        resumed = load_resume_point(cfg, checkpointer, bare_model, optimizer.optimizer, ema and ema.module)
+        if resumed is not None:
+            path, meta = resumed
             changes = config_changes(path, meta.get("config") or {}, cfg)  # refuses what a resume cannot change
             step = check_resume_state(path, meta, cfg, len(train_data))
-            # The config in effect from here on: its hyper-parameters, and its schedule at this step.
-            apply_hyperparameters(cfg.optim, bare_model, optimizer.optimizer)
-            schedule = build_schedule(cfg.optim, optimizer.optimizer, total_steps, warmup_steps)
-            schedule_at(schedule, step)
+            apply_hyperparameters(cfg.optim, bare_model, optimizer.optimizer)  # the config in effect from here on
+            if ema is not None and "ema" not in tensor_sets(meta):
+                ema.module.load_state_dict(bare_model.state_dict())
+                say(f"ema.enabled: {path} kept no average; it starts from the weights at step {step}")
+            agreed = accelerator.reduce(torch.tensor([float(step)], device=device), "sum").item()
+            if agreed != step * world:  # a damaged file seen by some ranks only: do not train apart
+                raise TransientError(f"the processes resumed from different checkpoints (this one: {path}); "
+                                     "a relaunch reads them again")
             say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on "
                 f"{meta.get('device')})")
             if changes:
                 say(f"config changed since that checkpoint, in effect from step {step}: " + "; ".join(changes))
         clock = SaveClock(cfg.checkpoint.every_minutes, cfg.checkpoint.mtbf_minutes, say)
-        if clock.auto:
-            clock.start(checkpointer.estimate_blocked_s(bare_model, optimizer.optimizer))
-        else:
-            clock.start(0.0)
-        runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), step if path else None)
+        clock.start(checkpointer.estimate_blocked_s(bare_model, optimizer.optimizer) if clock.auto else 0.0)
+        runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), step if resumed else None, len(train_data))
         if accelerator.is_main_process:
             output = Storage(cfg.train.output_dir)
             retry_storage(lambda: output.write("config.yaml", config_lib.to_yaml(cfg).encode()),
                           f"writing {output.show('config.yaml')}", max_outage_s=cfg.checkpoint.max_outage_s,
                           retry_s=cfg.checkpoint.retry_s, log=say)
-        if path is not None:
-            runlog.event("resumed", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
-                         world_size=world, device=device.type)
+        if resumed is not None:
+            runlog.event("resumed", step, world_size=world, device=device.type)
 
         def sync_buffers() -> None:
             # BN statistics are updated in each rank's forward and only broadcast by DDP at the next one:
@@ -232,79 +243,97 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 for buffer in bare_model.buffers():
                     torch.distributed.broadcast(buffer, src=0)
 
-        def save(blocking: bool) -> None:
+        def save(blocking: bool, metrics: dict[str, float]) -> None:
             sync_buffers()
             started = time.perf_counter()
             checkpointer.save(step, bare_model, optimizer.optimizer, {
                 "epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
                 "global_batch_size": cfg.train.global_batch_size, "device": device.type,
-                "schedule": schedule.state_dict(), "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id,
-            }, blocking=blocking)
+                "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id, "metrics": metrics,
+            }, blocking=blocking, ema=ema and ema.module)
             clock.saved(time.perf_counter() - started)
 
-        def validate() -> None:
+        def validate() -> dict[str, float]:
+            """The raw weights (and their average), each with BN statistics for its own weights."""
             sync_buffers()
-            metrics = evaluate(bare_model, val_data, cfg.train.eval_batch_size, device, world, rank,
-                               lambda t: accelerator.reduce(t, "sum"), cfg.model.channels_last, accelerator.autocast)
-            runlog.log(metrics, step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
-            say(f"step {step} epoch {sampler.epoch_at(step):.2f}: val top-1 {metrics['val/top1']:.4f} "
-                f"top-5 {metrics['val/top5']:.4f} loss {metrics['val/loss']:.4f}")
+            reduce_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
+            metrics: dict[str, float] = {}
+            for prefix, module in (("val", bare_model), ("val_ema", ema and ema.module)):
+                if module is None:
+                    continue
+                if module is not bare_model:
+                    ema.take_buffers(bare_model)
+                if cfg.eval.precise_bn_images:
+                    recompute_bn_statistics(module, train_data, cfg.eval.precise_bn_images, cfg.train.seed, device,
+                                            world, rank, reduce_sum, cfg.model.channels_last, accelerator.autocast)
+                metrics.update(evaluate(module, val_data, cfg.train.eval_batch_size, device, world, rank, reduce_sum,
+                                        cfg.model.channels_last, accelerator.autocast, cfg.eval.flip_tta, prefix))
+            runlog.log(metrics, step)
+            say(f"step {step} epoch {sampler.epoch_at(step):.2f}: " + "; ".join(
+                f"{p} top-1 {metrics[p + '/top1']:.4f} top-5 {metrics[p + '/top5']:.4f} loss {metrics[p + '/loss']:.4f}"
+                + (f" (flip TTA top-1 {metrics[p + '/top1_flip']:.4f})" if cfg.eval.flip_tta else "")
+                for p in ("val", "val_ema") if p + "/top1" in metrics))
+            return metrics
 
-        # The loop: one optimizer step per iteration, `accumulation` micro-batches each.
+        # The loop: one optimizer step per iteration, `accumulation` micro-batches each; gradients are
+        # all-reduced once, on the last micro-batch (no_sync on the others).
         model.train()
         console.total, console._start_step, console._step = last_step, step, step
         console.start_progress()  # a live bar in a terminal, a timestamped line per 30 s in a log file
         loss_sum = torch.zeros((), device=device)
         window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
+        mixing = mix_enabled(cfg.mix)
         prefetch = Prefetcher(train_data, sampler, step, last_step, device, cfg.train.seed, cfg.data.crop_scale,
-                              cfg.data.hflip)
+                              cfg.data.hflip, cfg.mix if mixing else None)
         while step < last_step:
-            for _ in range(sampler.accumulation):
+            lr, momentum = lr_at(cfg.optim, step, total_steps, warmup_steps)
+            set_lr(optimizer.optimizer, lr, momentum)
+            for micro_step in range(accumulation):
                 micro = prefetch.next()  # gathered, copied and its crops drawn while the last one computed
-                labels = micro.labels
                 inputs = augment(micro.images, micro.theta, cfg.model.channels_last)
                 counts = micro.index % sampler.micro_batches_per_step == 0  # BN statistics: see model.py
-                with accelerator.accumulate(model):
+                syncing = micro_step == accumulation - 1
+                with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
                     if not counts:
                         bn_statistics.keep()
-                    logits = model(inputs)
-                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
-                    if step == 0 and micro.index == rank:  # first forward of a fresh run
+                    if mixing:
+                        inputs, targets = apply_mix(inputs, micro.labels, micro.mix, num_classes,
+                                                    cfg.optim.label_smoothing)
+                        logits = model(inputs)
+                        loss = soft_cross_entropy(logits, targets)
+                    else:
+                        logits = model(inputs)
+                        loss = F.cross_entropy(logits, micro.labels, label_smoothing=cfg.optim.label_smoothing)
+                    if step == 0 and micro.index == rank and not mixing:  # first forward of a fresh run
                         check_first_step(logits, loss.item(), num_classes)
-                    accelerator.backward(loss)
+                    accelerator.backward(loss / accumulation)
                     if not counts:  # after the backward, which checks the buffers it saw are unchanged
                         bn_statistics.restore()
-                    if accelerator.sync_gradients:  # a save may still be copying what this step changes
-                        checkpointer.snapshot_barrier()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
-            schedule.step()
+            checkpointer.snapshot_barrier()  # a save may still be copying what this step changes
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(step)
             step += 1
             window_steps += 1
 
-            epoch_ended = math.floor(sampler.epoch_at(step)) > math.floor(sampler.epoch_at(step - 1))
             stopping, storage_down, clock_due = stop.agreed(peers, checkpointer.fault is not None, clock.due())
             if storage_down:  # saves have failed for checkpoint.max_outage_s: stop, relaunch later
                 raise checkpointer.fault or TransientError("a peer's checkpoint storage has been failing too long")
             shown: dict[str, str] = {}
-            if step % cfg.log.every_steps == 0 or step == last_step or stopping:
-                loss_mean = accelerator.reduce(loss_sum, "mean").item() / (window_steps * sampler.accumulation)
+            if triggers.should_log(step, stopping):
+                loss_mean = accelerator.reduce(loss_sum, "mean").item() / (window_steps * accumulation)
                 rate = window_steps * cfg.train.global_batch_size / (time.perf_counter() - window_start)
-                lr = schedule.get_last_lr()[0]
-                runlog.log({"train/loss": loss_mean, "train/lr": lr, "train/images_per_s": rate},
-                           step, sampler.epoch_at(step), step * cfg.train.global_batch_size)
+                runlog.log({"train/loss": loss_mean, "train/lr": lr, "train/images_per_s": rate}, step)
                 shown = {"loss": f"{loss_mean:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
                 loss_sum.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             console.progress(step, sampler.epoch_at(step), **shown)
-            if epoch_ended or step == last_step or (cfg.train.eval_every_steps
-                                                    and step % cfg.train.eval_every_steps == 0):
-                validate()
-            if stopping or step == last_step or epoch_ended or clock_due or (
-                    cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            metrics = validate() if triggers.should_eval(step) else {}
+            if triggers.should_save(step, stopping, clock_due):
                 try:
-                    save(blocking=stopping or step == last_step)
+                    save(blocking=stopping or step == last_step, metrics=metrics)
                 except StorageFullError as e:
                     if stopping:  # nothing saved to stop after: the launcher must back off, not hurry
                         raise TransientError(f"stopping after {stop.signal_name}, but the checkpoint could not be "
@@ -312,8 +341,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                     say("warning: no final checkpoint (the disk is full, see above); exporting the model anyway")
                 runlog.flush()
             if stopping:
-                runlog.event("preempted", step, sampler.epoch_at(step), step * cfg.train.global_batch_size,
-                             signal=stop.signal_name)
+                runlog.event("preempted", step, signal=stop.signal_name)
                 say(f"stopped at step {step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
                 exit_code = EXIT_PREEMPTED
                 break
@@ -322,11 +350,16 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
 
         checkpointer.wait()
         if exit_code == EXIT_OK and accelerator.is_main_process:
+            module, provenance = exported_weights(cfg, checkpointer, bare_model, ema, step, metrics)
             model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
-            retry_storage(lambda: export_model(bare_model, model_url, cfg.checkpoint.max_shard_size),
+            names, curves = class_names(cfg.data, train_data.classes), curves_png(cfg.train.output_dir)
+            retry_storage(lambda: export_model(module, model_url, cfg.checkpoint.max_shard_size, cfg=cfg,
+                                               classes=train_data.classes, class_names=names,
+                                               provenance=provenance, curves_png=curves),
                           f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
                           retry_s=cfg.checkpoint.retry_s, log=say)
-            say(f"done: step {step}; model in {model_url}")
+            say(f"done: step {step}; model in {model_url} ({provenance['weights']} weights of the "
+                f"{provenance['selected']} checkpoint, step {provenance['step']})")
         accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
         runlog.finish(preempted=exit_code == EXIT_PREEMPTED)
         runlog = None
@@ -348,6 +381,28 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 say(f"could not close the trackers cleanly: {type(e).__name__}: {e}")
         if lease is not None:
             lease.release()
+
+
+def exported_weights(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema: Optional[ModelEma],
+                     step: int, metrics: dict[str, float]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """What `{output_dir}/model` gets (export.select, export.weights) and where it came from. The last
+    validation ran at this step, so the weights in hand carry BN statistics for themselves; a best
+    checkpoint was saved right after its own validation, so its tensors do too."""
+    set_name = "ema" if cfg.export.weights == "ema" else "model"
+    module = ema.module if ema is not None and set_name == "ema" else model
+    provenance: dict[str, Any] = {"selected": "last", "weights": cfg.export.weights, "step": step,
+                                  "metrics": metrics, "final": {"step": step, "metrics": metrics}}
+    best = checkpointer.best() if cfg.export.select == "best" else None
+    if best is not None and not best.rstrip("/").endswith(step_folder(step)):
+        state, tensors = checkpointer.read_tensors(best, set_name)
+        module = copy.deepcopy(module)
+        module.load_state_dict(tensors, strict=True)
+        provenance.update(selected="best", step=state["step"], metrics=state.get("metrics") or {})
+    if cfg.export.select == "best":  # (the last step itself, when it scored best)
+        provenance["selected"] = "best"
+        provenance["best"] = {"step": provenance["step"], "metric": cfg.checkpoint.best_metric,
+                              "metrics": provenance["metrics"]}
+    return module, provenance
 
 
 def exit_code_for(error: Optional[BaseException]) -> int:

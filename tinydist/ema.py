@@ -1,0 +1,47 @@
+"""An exponential moving average of the weights (timm's ModelEmaV3: a decay with warm-up), kept as a
+second module with the model's own key names, so it is validated, saved and exported like the model.
+
+Only the parameters are averaged, after each optimizer step, identically on every rank: every rank
+holds the same parameters after the step, whatever the world size (docs/design.md, principles 1, 2).
+BN running statistics are not averaged: under DDP each rank's differ until they are synchronised,
+and averaged statistics would not belong to the averaged weights anyway. They are set for the
+averaged weights where they are used: before each validation and the export (train.py), from the
+model's synchronised ones, then recomputed by PreciseBN when it is on (precise_bn.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from tinydist.config import EmaConfig
+
+
+class ModelEma:
+    def __init__(self, model: nn.Module, cfg: EmaConfig) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        self.decay, self.warmup_power = cfg.decay, cfg.warmup_power
+        self._averaged = [p for p in self.module.parameters()]
+        self._live = [p for p in model.parameters()]
+
+    def decay_at(self, step: int) -> float:
+        """Decay applied after optimizer step `step` (0-based): 0 at the first step (the average starts
+        as the weights), rising as 1 - (1 + step) ** -power, capped at `decay`."""
+        if self.warmup_power <= 0:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + step) ** -self.warmup_power)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step `step`: averaged += (1 - decay) * (live - averaged), one foreach op."""
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - self.decay_at(step))
+
+    @torch.no_grad()
+    def take_buffers(self, model: nn.Module) -> None:
+        """The model's (synchronised) BN statistics into the average, before it is evaluated."""
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)

@@ -1,0 +1,31 @@
+"""When the loop logs, validates and saves: named rules of the step, so train.py reads as a loop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tinydist.config import Config
+
+
+@dataclass
+class Triggers:
+    cfg: Config
+    steps_per_epoch: float  # optimizer steps per pass over the training split (fractional)
+    last_step: int  # the loop stops after this step
+
+    def epoch_ended(self, step: int) -> bool:
+        """Step `step` (1-based count of steps done) completed an epoch."""
+        return math.floor(step / self.steps_per_epoch) > math.floor((step - 1) / self.steps_per_epoch)
+
+    def should_log(self, step: int, stopping: bool) -> bool:
+        return step % self.cfg.log.every_steps == 0 or step == self.last_step or stopping
+
+    def should_eval(self, step: int) -> bool:
+        every = self.cfg.train.eval_every_steps
+        return self.epoch_ended(step) or step == self.last_step or bool(every and step % every == 0)
+
+    def should_save(self, step: int, stopping: bool, clock_due: bool) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return (stopping or clock_due or self.epoch_ended(step) or step == self.last_step
+                or bool(every and step % every == 0))
