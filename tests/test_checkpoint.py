@@ -453,14 +453,27 @@ def test_stale_part_file_from_an_interrupted_attempt_is_not_trusted(tmp_path):
         "sha256": hashlib.sha256(leftover).hexdigest(), "bytes": len(leftover)}}}
     (folder / "part-00001.json").write_text(json.dumps(stale))
     ranks = [Checkpointer(str(tmp_path), keep_last=2, rank=r, world_size=2, log=Logs()) for r in range(2)]
+    waiting, real_wait = threading.Event(), ranks[0]._wait_for_parts
+
+    def wait_for_parts(*args, **kwargs):  # rank 0 wrote its own files and now looks for the others' parts
+        waiting.set()
+        return real_wait(*args, **kwargs)
+
+    ranks[0]._wait_for_parts = wait_for_parts
     ranks[0].save(4, model, opt, {})
-    time.sleep(0.5)
+    assert waiting.wait(60)
+    time.sleep(0.5)  # several polls, each of which sees the stale part and its file at the listed size
     assert ranks[0].committed() == []  # rank 0 is still waiting for a part of *this* attempt
     ranks[1].save(4, model, opt, {})
     ranks[1].wait()
     ranks[0].wait()
     assert ranks[0].latest() == f"{tmp_path}/step-00000004"
     assert json.loads((folder / "part-00001.json").read_text())["world_size"] == 2
+    state = json.loads((folder / "state.json").read_text())
+    assert state["files"]["model-00002-of-00005.safetensors"]["bytes"] != len(leftover)  # this attempt's shard
+    fresh_model, fresh_opt = build("sgd", seed=5)
+    ranks[0].load(ranks[0].latest(), fresh_model, fresh_opt)
+    assert_same(model, opt, fresh_model, fresh_opt)
 
 
 def test_file_url_and_optimizer_without_state(tmp_path):
