@@ -41,6 +41,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # torch.compile (inductor) builds its kernels in-process: a minute or more on 2 cores
 def test_compiled_steps_match_eager_and_never_recompile_after_warm_up():
     import torch._dynamo
 
