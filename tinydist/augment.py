@@ -9,7 +9,7 @@ batch is augmented the same way on any device, any world size, and after any res
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,28 +100,64 @@ def crop_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return grid
 
 
-def augment(images: torch.Tensor, theta: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """(N, H, W, 3) uint8 + (N, 2, 3) crop/flip parameters on the same device -> normalised (N, 3, H, W)
-    float32 of the same size: normalise, then crop, resize and flip in one `grid_sample`."""
+def resize_matrix(scale: torch.Tensor, shift: torch.Tensor, size_in: int, size_out: int) -> torch.Tensor:
+    """(N, size_out, size_in) rows of antialiased bilinear weights along one axis, from the axis' part of
+    crop thetas (`scale`, `shift`: (N,), as `crop_flip_params` makes them): what PIL's resize, and so
+    torchvision's RandomResizedCrop(antialias=True), applies to a crop. A triangle filter whose radius
+    is the downscale factor (1 when upscaling), taps only inside the crop box, renormalised; a
+    negative scale (a flip) reverses the rows."""
+    step = scale.abs() * size_in / size_out  # input pixels per output pixel
+    u = (torch.arange(size_out, device=scale.device, dtype=scale.dtype) * 2 + 1) / size_out - 1
+    centre = (scale[:, None] * u + shift[:, None] + 1) * (size_in / 2)  # (N, size_out), input pixel units
+    lo = (shift - scale.abs() + 1) * (size_in / 2)  # crop box [lo, hi) in input pixels
+    hi = (shift + scale.abs() + 1) * (size_in / 2)
+    j = torch.arange(size_in, device=scale.device, dtype=scale.dtype) + 0.5  # input pixel centres
+    radius = step.clamp(min=1.0)[:, None, None]
+    weights = (1 - (j - centre[:, :, None]).abs() / radius).clamp(min=0)
+    weights = weights * ((j >= lo[:, None, None]) & (j < hi[:, None, None]))
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def augment(images: torch.Tensor, theta: torch.Tensor, channels_last: bool = True,
+            size: Optional[int] = None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 + (N, 2, 3) crop/flip parameters on the same device -> normalised (N, 3, S, S)
+    float32, S = `size` (default: the input's size, H = W).
+
+    At the input's size (the 64-px Tiny ImageNet path): normalise, then crop, resize and flip in one
+    bilinear `grid_sample`; a crop is never larger than the output there, so it is only ever upscaled
+    and needs no antialiasing. At a smaller `size` (a cache kept at more detail than the output, see
+    data.load_split's `detail`) crops are downscaled, so they are resampled like torchvision's
+    antialiased resize instead: two batched matmuls with per-image weights (`resize_matrix`), once,
+    from the cache's pixels, whatever the downscale factor. No host sync either way."""
     n, height, width, _ = images.shape
-    x = F.grid_sample(normalise(images), crop_grid(theta, height, width), mode="bilinear", padding_mode="border",
-                      align_corners=False)
+    x = normalise(images)  # weights sum to 1: resampling commutes with the per-channel affine map
+    if size is None or (size == height and size == width):
+        x = F.grid_sample(x, crop_grid(theta, height, width), mode="bilinear", padding_mode="border",
+                          align_corners=False)
+        return _memory_format(x, channels_last)
+    rows = resize_matrix(theta[:, 1, 1], theta[:, 1, 2], height, size)  # (N, S, H)
+    cols = resize_matrix(theta[:, 0, 0], theta[:, 0, 2], width, size)  # (N, S, W)
+    x = torch.matmul(torch.matmul(rows[:, None], x), cols[:, None].transpose(-1, -2))
     return _memory_format(x, channels_last)
 
 
 def train_transform(images: torch.Tensor, seed: int, epoch: int, index: int, channels_last: bool = True,
-                    scale: Sequence[float] = (0.08, 1.0), hflip: bool = True) -> torch.Tensor:
-    """(N, H, W, 3) uint8 on any device -> augmented, normalised (N, 3, H, W) float32 of the same size.
+                    scale: Sequence[float] = (0.08, 1.0), hflip: bool = True, size: Optional[int] = None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 on any device -> augmented, normalised (N, 3, S, S) float32 (S = `size`, default H).
     (The training loop draws the parameters ahead of time, in prefetch.py, and calls `augment`.)"""
     n, height, width, _ = images.shape
     generator = batch_generator(seed, epoch, index)
     theta = crop_flip_params(n, height, width, generator, (scale[0], scale[1]), hflip=hflip).to(images.device)
-    return augment(images, theta, channels_last)
+    return augment(images, theta, channels_last, size)
 
 
-def eval_transform(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32; no randomness."""
-    return _memory_format(normalise(images), channels_last)
+def eval_transform(images: torch.Tensor, channels_last: bool = True, size: Optional[int] = None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised (N, 3, S, S) float32; no randomness. A cache kept at more detail
+    than `size` is resized to it with antialiasing (as torchvision's Resize of a PIL image)."""
+    x = normalise(images)
+    if size is not None and (size, size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return _memory_format(x, channels_last)
 
 
 def to_device(pixels: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Each figure of tinydist as a ratio against a baseline timed in the same run on the same machine.
 
     python -m tinydist.bench {data,step,checkpoint,resume,gpu,all} [--quick]
+    python -m tinydist.bench quality [--seeds 0 1] [--epochs 3] [config overrides]   (bench_quality.py)
 
 Absolute timings say little across machines; a ratio against a baseline timed in the same run,
 interleaved with ours, does. No timing is asserted: each line prints its goal for a human, exit 0.
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 from unittest import mock
@@ -44,7 +44,7 @@ from tinydist.checkpoint import Checkpointer
 from tinydist.hostmem import keep_freed_memory
 from tinydist.data import load_split
 from tinydist.model import build_model
-from tinydist.optim import build_optimizer, build_schedule
+from tinydist.optim import build_optimizer
 from tinydist.sampler import GlobalSampler
 from tinydist.train import train
 
@@ -327,20 +327,14 @@ def bench_resume(tmp: str, quick: bool, device: torch.device) -> None:
     # would pay an extra eval + save.
     assert per_epoch >= 100, f"digits at global batch {cfg.train.global_batch_size}: {per_epoch:.1f} steps per epoch"
     start, late = math.ceil(per_epoch), math.floor((2 + 0.99) * per_epoch)
-    total, warmup = math.ceil(cfg.train.epochs * per_epoch), round(cfg.optim.warmup_epochs * per_epoch)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(data.classes))
     optimizer = build_optimizer(cfg.optim, model)
     create_momentum(model, optimizer)
     for step in (start, late):
-        schedule = build_schedule(cfg.optim, optimizer, total, warmup)
-        with warnings.catch_warnings():  # stepping a schedule without optimizer steps is the point here
-            warnings.simplefilter("ignore")
-            for _ in range(step):
-                schedule.step()
-        # The meta train.py's save() writes.
+        # The meta train.py's save() writes (the learning rate is a function of the step: nothing to save).
         meta = {"epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
-                "global_batch_size": cfg.train.global_batch_size, "device": "cpu", "schedule": schedule.state_dict(),
+                "global_batch_size": cfg.train.global_batch_size, "device": "cpu",
                 "config": config_lib.to_dict(cfg), "wandb_run_id": None}
         Checkpointer(f"{tmp}/resume-source-{step}", keep_last=2, max_shard_size=cfg.checkpoint.max_shard_size,
                      log=lambda _: None).save(step, model, optimizer, meta, blocking=True)
@@ -379,6 +373,11 @@ FIGURES: dict[str, Callable[[str, bool, torch.device], None]] = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["quality"]:  # accuracy, not speed: its own flags and config overrides
+        from tinydist.bench_quality import main as quality
+
+        return quality(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tinydist.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("figures", nargs="+", choices=[*FIGURES, "all"], help="which figures to measure")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the figures run (CI smoke test)")

@@ -305,15 +305,18 @@ def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
 
 
 class ImageCache:
-    """Decoded images of one split, memory-mapped: `gather(indices)` -> (B, S, S, 3) uint8."""
+    """Decoded images of one split, memory-mapped: `gather(indices)` -> (B, side, side, 3) uint8.
+    `image_size` is the size the model sees (data.image_size); `side` the size stored, larger when the
+    split was loaded with `detail` > 1 (crops are then resized to `image_size` on the device, once)."""
 
     def __init__(self, folder: str, meta: dict[str, Any], tables: Optional[list[Any]] = None):
         self.folder, self.meta = folder, meta
         self.classes: list[str] = meta["classes"]
-        self.image_size: int = meta["image_size"]
+        self.side: int = meta["image_size"]  # what is stored (datacache checks the rows against it)
+        self.image_size: int = meta.get("output_size", self.side)
         if tables is None:
             tables = [_open_table(os.path.join(folder, f)) for f in meta["files"]]
-        side = self.image_size
+        side = self.side
         # One zero-copy view per Arrow chunk: no copy of the data, no int64 detour.
         self._chunks = [chunk.flatten().to_numpy(zero_copy_only=True).reshape(-1, side, side, 3)
                         for t in tables for chunk in t.column("pixels").chunks]
@@ -326,7 +329,7 @@ class ImageCache:
     def gather(self, indices: np.ndarray) -> np.ndarray:
         if len(self._chunks) == 1:
             return np.take(self._chunks[0], indices, axis=0)
-        out = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
+        out = np.empty((len(indices), self.side, self.side, 3), np.uint8)
         chunk_of = np.searchsorted(self._starts, indices, side="right") - 1
         for c in np.unique(chunk_of):
             mask = chunk_of == c
@@ -334,27 +337,36 @@ class ImageCache:
         return out
 
 
-def cache_fingerprint(src: Source, image_size: int, max_samples: Optional[int]) -> str:
-    key = json.dumps([CACHE_FORMAT, src.dataset._fingerprint, src.split, image_size, max_samples, src.classes])
+def cache_fingerprint(src: Source, image_size: int, max_samples: Optional[int], detail: int = 1) -> str:
+    key = [CACHE_FORMAT, src.dataset._fingerprint, src.split, image_size, max_samples, src.classes]
+    key = json.dumps(key + [detail] if detail != 1 else key)  # detail 1: the same caches as before it existed
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load_split(cfg: DataConfig, split: str, max_samples: Optional[int] = None,
                main_process_first: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-               log: Callable[[str], None] = print, local_main: Optional[bool] = None) -> ImageCache:
+               log: Callable[[str], None] = print, local_main: Optional[bool] = None, detail: int = 1) -> ImageCache:
     """Open, decode once and map. The local main process verifies the cache (datacache.py) and builds
     or rebuilds it while the others wait in `main_process_first`; they then verify it and read.
+
+    `detail` > 1 (for the training split: 2) keeps up to `detail` x data.image_size pixels per side, never
+    more than the source's own (the median shorter side of a sample of its images): a random crop
+    is then resampled once from those pixels to data.image_size, with antialiasing (augment.py), as
+    torchvision's RandomResizedCrop does from the original, instead of upscaling a crop of an image
+    that was already shrunk to data.image_size. Where the source is no larger than data.image_size
+    (Tiny ImageNet at 64) nothing changes: same side, same cache, same augmentation.
 
     `local_main` says whether this process is the one that may (re)build; by default it is asked of
     the owner of `main_process_first` (Accelerate's `local_main_process_first`), else True."""
     src = open_source(cfg.source, split)
+    tag = f"{cfg.image_size}px" + (f"-x{detail}" if detail != 1 else "")
     folder = os.path.join(os.path.expanduser(cfg.cache_dir),
-                          f"{_slug(cfg.source)}-{src.split}-{cfg.image_size}px-{cache_fingerprint(src, cfg.image_size, max_samples)}")
+                          f"{_slug(cfg.source)}-{src.split}-{tag}-{cache_fingerprint(src, cfg.image_size, max_samples, detail)}")
     if local_main is None:
         local_main = bool(getattr(getattr(main_process_first, "__self__", None), "is_local_main_process", True))
     with main_process_first():
         if local_main:
-            return _open_or_build(src, cfg, folder, max_samples, log)
+            return _open_or_build(src, cfg, folder, max_samples, log, detail)
     # Only the local main process may remove or rebuild: ranks that each rebuilt what they found
     # damaged would delete the files their neighbours are reading.
     try:
@@ -365,14 +377,15 @@ def load_split(cfg: DataConfig, split: str, max_samples: Optional[int] = None,
 
 
 def _open_or_build(src: Source, cfg: DataConfig, folder: str, max_samples: Optional[int],
-                   log: Callable[[str], None]) -> ImageCache:
+                   log: Callable[[str], None], detail: int = 1) -> ImageCache:
     if os.path.lexists(folder):
         try:
             return _open_verified(folder)
         except CacheMismatch as e:
             log(f"decode cache {folder} is damaged ({e}); rebuilding it")
             datacache.discard(folder)
-    _build_cache(src, cfg, folder, max_samples, log)
+    # (detail passed only when used: tests spy on the five-argument call)
+    _build_cache(src, cfg, folder, max_samples, log, **({"detail": detail} if detail != 1 else {}))
     try:
         return _open_verified(folder)
     except CacheMismatch as e:  # once: a cache that is damaged as soon as it is written will be again
@@ -405,8 +418,23 @@ def _subset(n: int, max_samples: Optional[int]) -> Optional[np.ndarray]:
     return np.sort(np.random.default_rng(0).permutation(n)[:max_samples])
 
 
+def source_side(ds: Any, sample: int = 64) -> int:
+    """The median shorter side of up to `sample` images spread over `ds` (headers only: no decode)."""
+    from PIL import Image
+
+    rows = np.unique(np.linspace(0, len(ds) - 1, min(sample, len(ds))).round().astype(int))
+    sides = []
+    for image in ds.select(rows)["image"]:
+        try:
+            with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
+                sides.append(min(im.size))
+        except (OSError, ValueError):  # the build names the bad image; here it only does not count
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
 def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optional[int],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], detail: int = 1) -> None:
     import datasets
 
     ds = src.dataset
@@ -417,6 +445,8 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
     remap = np.argsort(np.argsort(src.classes)).astype(np.int64)
     classes = sorted(src.classes)
     side = cfg.image_size
+    if detail > 1:
+        side = max(side, min(detail * cfg.image_size, source_side(ds)))
     features = datasets.Features({"pixels": datasets.List(datasets.Value("uint8"), length=side * side * 3),
                                   "label": datasets.Value("int64"), "gray": datasets.Value("bool")})
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, 16)
@@ -441,7 +471,8 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
     # What cache.json records is read back from the files, as an open will read them.
     tables = {name: _open_table(os.path.join(tmp, name)) for name in files}
     meta = {"format": CACHE_FORMAT, "source": src.name, "kind": src.kind, "split": src.split,
-            "rows": sum(t.num_rows for t in tables.values()), "image_size": side, "classes": classes,
+            "rows": sum(t.num_rows for t in tables.values()), "image_size": side, "output_size": cfg.image_size,
+            "classes": classes,
             "grayscale": int(sum(np.sum(t.column("gray")) for t in tables.values())), "files": files,
             "max_samples": max_samples,
             "arrow": {name: datacache.file_record(os.path.join(tmp, name), t) for name, t in tables.items()}}

@@ -1,0 +1,255 @@
+"""Does the fast pipeline cost accuracy? tinydist's training loop against a plain per-image
+torchvision/DataLoader loop: same data, model, optimizer, schedule, epochs, micro-batches and seeds.
+
+    python -m tinydist.bench quality [--seeds 0 1] [--epochs 3] [--config FILE] [--section.key=VALUE ...]
+    python -m tinydist.bench quality --make-photos DIR [--photos-from FOLDER]   # an offline photo source
+
+Default: configs/smoke.yaml (offline digits, 32 px), 3 epochs, seeds 0 and 1: a few minutes on 2 cores.
+tinydist's side is the loop of train.py rebuilt here from the project's own pieces, in-process (one
+process, no Accelerate): GlobalSampler -> Prefetcher (cache gather + crops drawn from (seed, epoch,
+micro-batch)) -> augment() on the device -> model, BN statistics from each step's first micro-batch
+(model.BNStatistics), loss / accumulation, optimizer and schedule stepped per global batch, then
+evaluate.evaluate on the val cache. Variants: `tinydist` keeps the train cache at up to 2x
+data.image_size (load_split detail=2) and resamples each crop once, antialiased, to data.image_size;
+`tinydist-legacy` is the cache at data.image_size + bilinear grid_sample (what train.py does until it
+passes detail=2 and size=). The baseline decodes the source's own images per item with PIL:
+RandomResizedCrop(size, scale=crop_scale, antialias=True), RandomHorizontalFlip (if data.hflip),
+ToTensor, Normalize; eval Resize(size) + CenterCrop(size); batches = the same GlobalSampler
+micro-batches, BN statistics updated by every forward (a plain loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinydist import config as config_lib
+from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, augment
+from tinydist.data import _subset, load_split, open_source
+from tinydist.evaluate import evaluate
+from tinydist.model import BNStatistics, build_model
+from tinydist.optim import build_optimizer, lr_at, set_lr
+from tinydist.prefetch import Prefetcher
+from tinydist.sampler import GlobalSampler
+
+SMOKE_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
+VARIANTS = ("tinydist", "tinydist-legacy", "torchvision")
+
+
+def _setup(cfg: config_lib.Config, train_rows: int, seed: int) -> tuple[GlobalSampler, int, int]:
+    sampler = GlobalSampler(train_rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, 1, 0, seed)
+    total = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
+    warmup = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
+    return sampler, total, warmup
+
+
+def _model(cfg: config_lib.Config, num_classes: int, seed: int) -> tuple[Any, Any]:
+    torch.manual_seed(seed)  # as train.py: the same initial weights for every variant of a seed
+    model = build_model(cfg.model, num_classes)
+    model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    return model, build_optimizer(cfg.optim, model)
+
+
+def _optimizer_step(cfg: config_lib.Config, optimizer: Any, step: int, total: int, warmup: int) -> None:
+    set_lr(optimizer, *lr_at(cfg.optim, step, total, warmup))  # the schedule: a pure function of the step
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_tinydist(cfg: config_lib.Config, seed: int, detail: int, device: torch.device,
+                 log: Callable[[str], None] = lambda _: None, bn_every: bool = False) -> float:
+    """train.py's loop on one process (see the module docstring); val top-1."""
+    train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, log=log, detail=detail)
+    val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples, log=log)
+    sampler, total, warmup = _setup(cfg, len(train_data), seed)
+    model, optimizer = _model(cfg, len(train_data.classes), seed)
+    bn = BNStatistics(model)
+    size = cfg.data.image_size if train_data.side != cfg.data.image_size else None
+    prefetch = Prefetcher(train_data, sampler, 0, total, device, seed, cfg.data.crop_scale, cfg.data.hflip)
+    model.to(device).train()
+    try:
+        for step in range(total):
+            for _ in range(sampler.accumulation):
+                micro = prefetch.next()
+                inputs = augment(micro.images, micro.theta, cfg.model.channels_last, size)
+                counts = bn_every or micro.index % sampler.micro_batches_per_step == 0
+                if not counts:
+                    bn.keep()
+                loss = F.cross_entropy(model(inputs), micro.labels, label_smoothing=cfg.optim.label_smoothing)
+                (loss / sampler.accumulation).backward()
+                if not counts:
+                    bn.restore()
+            _optimizer_step(cfg, optimizer, step, total, warmup)
+    finally:
+        prefetch.close()
+    return evaluate(model, val_data, cfg.train.eval_batch_size, device, channels_last=cfg.model.channels_last)["val/top1"]
+
+
+class PilImages(torch.utils.data.Dataset):
+    """One split of the source as the rows of its decode cache (same subset, same order, labels by
+    sorted class name), each decoded with PIL per item and passed through `transform`."""
+
+    def __init__(self, cfg: config_lib.DataConfig, split: str, max_samples: Optional[int], transform: Any):
+        src = open_source(cfg.source, split)
+        subset = _subset(len(src.dataset), max_samples)
+        self.ds = src.dataset if subset is None else src.dataset.select(subset)
+        remap = np.argsort(np.argsort(src.classes)).astype(np.int64)
+        self.labels = remap[np.asarray(self.ds["label"], np.int64)]
+        self.classes, self.transform = sorted(src.classes), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        image = self.ds[int(i)]["image"]
+        with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
+            return self.transform(im.convert("RGB")), int(self.labels[i])
+
+
+def run_torchvision(cfg: config_lib.Config, seed: int, device: torch.device, workers: int = 0) -> float:
+    """The plain per-image loop (see the module docstring); val top-1."""
+    from torchvision import transforms as T
+
+    size, normal = cfg.data.image_size, T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(size, scale=tuple(cfg.data.crop_scale), antialias=True),
+                          *([T.RandomHorizontalFlip()] if cfg.data.hflip else []), T.ToTensor(), normal])
+    eval_tf = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), normal])
+    train_set = PilImages(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, train_tf)
+    val_set = PilImages(cfg.data, cfg.data.val_split, cfg.data.max_val_samples, eval_tf)
+    sampler, total, warmup = _setup(cfg, len(train_set), seed)
+    model, optimizer = _model(cfg, len(train_set.classes), seed)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    batches = [m.indices for step in range(total) for m in sampler.rank_micro_batches(step)]
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=workers)
+    model.to(device).train()
+    for i, (x, y) in enumerate(loader):  # the transforms draw from torch's generator, seeded in _model
+        x = x.to(device, memory_format=memory_format)
+        loss = F.cross_entropy(model(x), y.to(device), label_smoothing=cfg.optim.label_smoothing)
+        (loss / sampler.accumulation).backward()
+        if (i + 1) % sampler.accumulation == 0:
+            _optimizer_step(cfg, optimizer, i // sampler.accumulation, total, warmup)
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(val_set, batch_size=cfg.train.eval_batch_size, num_workers=workers):
+            hits += int((model(x.to(device, memory_format=memory_format)).argmax(1).cpu() == y).sum())
+    return hits / len(val_set)
+
+
+def table(results: dict[str, list[float]], seeds: Sequence[int]) -> list[str]:
+    """Rows `name  top-1 per seed  mean`, in percent, and the one-line verdict."""
+    width = max(len(n) for n in results)
+    lines = [f"{'pipeline':<{width}}  " + "  ".join(f"seed {s:<3}" for s in seeds) + "  mean"]
+    for name, accs in results.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * a:8.2f}" for a in accs) + f"  {100 * np.mean(accs):.2f}")
+    base = results.get("torchvision")
+    for name, accs in results.items():
+        if base is None or name == "torchvision":
+            continue
+        gaps = [100 * (a - b) for a, b in zip(accs, base)]
+        gap, spread = float(np.mean(gaps)), (statistics.stdev(gaps) if len(gaps) > 1 else float("nan"))
+        noise = 2 * spread / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+        word = ("costs no accuracy measurable here" if abs(gap) <= noise or abs(gap) < 0.25 else
+                "trails" if gap < 0 else "leads")
+        lines.append(f"verdict: {name} - torchvision = {gap:+.2f} points mean top-1 over {len(gaps)} seed(s) "
+                     f"(paired per-seed gaps {', '.join(f'{g:+.2f}' for g in gaps)}; 2 s.e. {noise:.2f}): {name} {word}")
+    return lines
+
+
+def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int = 3000, val: int = 600,
+                      sizes: tuple[int, int] = (64, 128), seed: int = 0) -> str:
+    """An offline photo source: square patches (random side in `sizes`) of real photographs, labelled by
+    photograph: scikit-learn's two sample photos plus every image in `photos_from` (e.g. the PNGs bundled
+    in scikit-image's skimage/data). Train patches come from the left 70% of each photo, val from the
+    right 30%. Written as a save_to_disk folder; `--data.source=FOLDER`."""
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: Image.fromarray(im) for name, im in
+              zip(("china", "flower"), load_sample_images().images)}
+    for name in sorted(os.listdir(photos_from)) if photos_from else []:
+        try:
+            with Image.open(os.path.join(photos_from, name)) as im:
+                if min(im.size) >= 2 * sizes[0]:
+                    photos[os.path.splitext(name)[0]] = im.convert("RGB")
+        except OSError:
+            continue
+    rng, names = np.random.default_rng(seed), sorted(photos)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    splits = {}
+    for split, count, (lo, hi) in (("train", train, (0.0, 0.7)), ("valid", val, (0.7, 1.0))):
+        images, labels = [], []
+        for i in range(count):
+            label = i % len(names)
+            photo = photos[names[label]]
+            x0, x1 = int(lo * photo.width), int(hi * photo.width)
+            side = int(rng.integers(sizes[0], sizes[1] + 1))
+            side = min(side, x1 - x0, photo.height)
+            left, top = int(rng.integers(x0, x1 - side + 1)), int(rng.integers(0, photo.height - side + 1))
+            buf = io.BytesIO()
+            photo.crop((left, top, left + side, top + side)).save(buf, "PNG")
+            images.append({"bytes": buf.getvalue(), "path": None})
+            labels.append(label)
+        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(folder)
+    return f"{folder}: {len(names)} photos ({', '.join(names)}), {train} train / {val} valid patches"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinydist.bench quality", description=__doc__.split("\n\n")[0],
+                                     epilog="Any other argument is a config override, as for training "
+                                            "(default recipe: configs/smoke.yaml).")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=float, default=3.0, help="train.epochs for every run (default 3)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tinydist", "torchvision"])
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (default 0)")
+    parser.add_argument("--bn-every", action="store_true",
+                        help="diagnostic: tinydist's runs update BN statistics on every micro-batch, as the baseline")
+    parser.add_argument("--make-photos", metavar="DIR", help="write the offline photo source to DIR and exit")
+    parser.add_argument("--photos-from", metavar="FOLDER", help="extra photographs for --make-photos")
+    opts, overrides = parser.parse_known_args(argv)
+    if opts.make_photos:
+        print(make_photo_source(opts.make_photos, opts.photos_from))
+        return 0
+    recipe = [] if any(a == "--config" or a.startswith("--config=") for a in overrides) else ["--config", SMOKE_RECIPE]
+    try:
+        cfg = config_lib.load_config(recipe + [f"--train.epochs={opts.epochs}", "--log.report_to=[]"] + overrides,
+                                     prog="python -m tinydist.bench quality")
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"quality: {cfg.data.source} at {cfg.data.image_size}px, {cfg.model.stem} stem, {cfg.train.epochs:g} epochs, "
+          f"global batch {cfg.train.global_batch_size} (micro {cfg.train.micro_batch_size}), crop_scale "
+          f"{list(cfg.data.crop_scale)}, hflip {cfg.data.hflip}, seeds {opts.seeds}, {device.type}", flush=True)
+    results: dict[str, list[float]] = {v: [] for v in opts.variants}
+    for seed in opts.seeds:
+        for variant in opts.variants:
+            t0 = time.perf_counter()
+            if variant == "torchvision":
+                acc = run_torchvision(cfg, seed, device, opts.workers)
+            else:
+                acc = run_tinydist(cfg, seed, 2 if variant == "tinydist" else 1, device,
+                                   lambda m: print(m, file=sys.stderr), opts.bn_every)
+            results[variant].append(acc)
+            print(f"  {variant} seed {seed}: top-1 {100 * acc:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\n".join(table(results, opts.seeds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
