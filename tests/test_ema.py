@@ -1,0 +1,62 @@
+"""tinydist.ema: timm-style decay with warm-up, one foreach update, buffers taken from the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinydist.config import EmaConfig, ModelConfig
+from tinydist.ema import ModelEma
+from tinydist.model import build_model
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(stem="imagenet", channels_last=False), 10)
+
+
+def test_decay_warms_up_from_zero_to_the_cap() -> None:
+    ema = ModelEma(small_model(), EmaConfig(enabled=True, decay=0.999, warmup_power=0.75))
+    decays = [ema.decay_at(step) for step in (0, 1, 10, 100, 10**6)]
+    assert decays[0] == 0.0  # the first update makes the average the weights themselves
+    assert decays == sorted(decays) and decays[-1] == 0.999
+    assert decays[2] == pytest.approx(1 - 11 ** -0.75)
+    flat = ModelEma(small_model(), EmaConfig(enabled=True, decay=0.99, warmup_power=0.0))
+    assert flat.decay_at(0) == flat.decay_at(10**6) == 0.99
+
+
+def test_update_is_the_exponential_average_of_the_parameters_only() -> None:
+    model = small_model()
+    ema = ModelEma(model, EmaConfig(enabled=True, decay=0.9, warmup_power=0.0))
+    history = []
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (step + 1))
+            model.bn1.running_mean.add_(1.0)  # buffers are not averaged (see ema.py)
+        history.append({k: v.clone() for k, v in model.named_parameters()})
+        ema.update(step)
+    start = {k: v for k, v in small_model().named_parameters()}
+    for name, averaged in ema.module.named_parameters():
+        expected = start[name].detach().clone()
+        for snapshot in history:
+            expected = expected + 0.1 * (snapshot[name] - expected)
+        torch.testing.assert_close(averaged, expected, rtol=1e-6, atol=1e-7)
+        assert not averaged.requires_grad
+    assert torch.equal(ema.module.bn1.running_mean, torch.zeros(64))
+    ema.take_buffers(model)
+    assert torch.equal(ema.module.bn1.running_mean, model.bn1.running_mean)
+
+
+def test_first_update_with_warmup_copies_the_weights_and_leaves_the_model_alone() -> None:
+    model = small_model()
+    ema = ModelEma(model, EmaConfig(enabled=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update(0)
+    for (name, mine), theirs in zip(ema.module.named_parameters(), model.parameters()):
+        assert torch.equal(mine, theirs), name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ema.module.state_dict().keys() == model.state_dict().keys()  # torchvision keys: exportable as is
