@@ -17,6 +17,7 @@ The index is written last: a reader that finds it finds every file it names (and
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -27,7 +28,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load as load_safetensors
 
-from tinydist.ckpt_format import MARKER, STATE, CheckpointError, check_name, load_tensors, read_state
+from tinydist.ckpt_format import MARKER, STATE, CheckpointError, check_name, load_tensors, read_state, step_folder
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE, Config, to_dict
 from tinydist.storage import Storage, parse_size
 
@@ -353,3 +354,26 @@ def check_export_config(where: str, config: Any) -> dict[str, Any]:
     if not isinstance(names, dict) or not all(k in id2label and isinstance(v, str) for k, v in names.items()):
         raise bad("label_names", "{index as in id2label: name}")
     return config
+
+
+def exported_weights(cfg: Config, checkpointer: Any, model: torch.nn.Module, ema: Optional[Any],
+                     step: int, metrics: dict[str, float]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """What `{output_dir}/model` gets (export.select, export.weights) and where it came from, for the
+    training loop: `checkpointer` a Checkpointer, `ema` its ModelEma or None. The last
+    validation ran at this step, so the weights in hand carry BN statistics for themselves; a best
+    checkpoint was saved right after its own validation, so its tensors do too."""
+    set_name = "ema" if cfg.export.weights == "ema" else "model"
+    module = ema.module if ema is not None and set_name == "ema" else model
+    provenance: dict[str, Any] = {"selected": "last", "weights": cfg.export.weights, "step": step,
+                                  "metrics": metrics, "final": {"step": step, "metrics": metrics}}
+    best = checkpointer.best() if cfg.export.select == "best" else None
+    if best is not None and not best.rstrip("/").endswith(step_folder(step)):
+        state, tensors = checkpointer.read_tensors(best, set_name)
+        module = copy.deepcopy(module)
+        module.load_state_dict(tensors, strict=True)
+        provenance.update(selected="best", step=state["step"], metrics=state.get("metrics") or {})
+    if cfg.export.select == "best":  # (the last step itself, when it scored best)
+        provenance["selected"] = "best"
+        provenance["best"] = {"step": provenance["step"], "metric": cfg.checkpoint.best_metric,
+                              "metrics": provenance["metrics"]}
+    return module, provenance

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from tinydist import config as config_lib
+from tinydist.config import Config, ConfigError
 from tinydist.exitcodes import TransientError
 from tinydist.storage import Storage, StorageError
 
@@ -174,3 +176,26 @@ class Lease:
         except StorageError as e:
             self.log(f"could not release the lease on {self.storage.url} ({e}); the next job takes it over "
                      f"once it is {self.ttl_s:g} s stale")
+
+
+def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any) -> Optional[Lease]:
+    """Before any training, rank 0 proves that checkpoint.dir and train.output_dir can be written (a
+    missing bucket fails now, in one line, not an epoch later at the first save) and takes the
+    checkpoint dir's lease (one job per dir). Every rank learns the outcome and stops with it."""
+    lease, error = None, None
+    if peers.rank == 0:
+        try:
+            Storage(config_lib.checkpoint_dir(cfg)).probe("checkpoint.dir")
+            Storage(cfg.train.output_dir).probe("train.output_dir")
+            if cfg.checkpoint.lease_ttl_s > 0:
+                lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
+                              ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
+                lease.acquire()
+        except (ConfigError, TransientError) as e:
+            error = e
+    _, failed, _ = stop.agreed(peers, fault=error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise TransientError("rank 0 could not claim the checkpoint dir (see its message)")
+    return lease

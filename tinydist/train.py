@@ -14,40 +14,36 @@ dir leased by a live job (relaunch with backoff); 2 bad config, data or checkpoi
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
 import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+import traceback
+from typing import Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available
-
-import traceback
 
 from tinydist import config as config_lib
+from tinydist.accel import make_accelerator, requested_processes
 from tinydist.augment import augment
 from tinydist.cadence import SaveClock
 from tinydist.checkpoint import CheckpointError, Checkpointer
-from tinydist.ckpt_format import step_folder, tensor_sets
+from tinydist.ckpt_format import tensor_sets
 from tinydist.config import Config, ConfigError, HelpRequested, load_config
 from tinydist.console import Console
 from tinydist.data import load_split
+from tinydist.ema import ModelEma
 from tinydist.evaluate import evaluate
 from tinydist.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT, TransientError
-from tinydist.export import export_model
+from tinydist.export import export_model, exported_weights
 from tinydist.hostmem import keep_freed_memory
 from tinydist.labels import class_names
 from tinydist.launch import EXIT_DIR_ENV, record_exit_code
-from tinydist.ema import ModelEma
-from tinydist.lease import Lease
+from tinydist.lease import Lease, claim_storage
 from tinydist.mix import apply_mix, mix_enabled, soft_cross_entropy
 from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, check_first_step
 from tinydist.notice import watch_in_background
@@ -61,66 +57,8 @@ from tinydist.resume import check_resume_state, config_changes, load_resume_poin
 from tinydist.retry import retry_storage
 from tinydist.sampler import GlobalSampler
 from tinydist.storage import Storage, StorageFullError
-from tinydist.tracking import RunLog, local_staging_dir
+from tinydist.tracking import RunLog
 from tinydist.triggers import Triggers
-
-
-def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
-    """Accelerate owns devices, processes and precision (launch flags, config files); tinydist adds
-    only the trackers. Without a GPU, Accelerate forms a (gloo) process group only when told to use
-    the CPU; otherwise every process would silently train alone."""
-    trackers = list(cfg.log.report_to) if cfg else []
-    if "tensorboard" in trackers and not is_tensorboard_available():
-        raise ConfigError("log.report_to has `tensorboard` but it is not installed: pip install -e '.[tensorboard]'")
-    staging = local_staging_dir(cfg.train.output_dir) if cfg else None
-    # Every collective waits at most train.peer_timeout_s for a peer (torch's default is 10-30 min).
-    timeout = datetime.timedelta(seconds=cfg.train.peer_timeout_s if cfg else 300)
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                       project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
-
-
-def requested_processes() -> Optional[int]:
-    """The --num_processes that `accelerate launch` (our parent, for one process) was given, if any.
-    Without --multi_gpu it starts one process whatever that says, and nothing else would tell."""
-    if os.environ.get("WORLD_SIZE"):  # torchrun started us: the world is what was asked for
-        return None
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            argv = f.read().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    if not any("accelerate" in os.path.basename(a) for a in argv[:3]):  # `accelerate launch`, `-m accelerate...`
-        return None
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
-            argv[i + 1] if arg == "--num_processes" and i + 1 < len(argv) else None)
-        if value is not None and value.isdigit():
-            return int(value)
-    return None
-
-
-def claim_storage(cfg: Config, stop: StopFlag, peers: Peers, say: Any) -> Optional[Lease]:
-    """Before any training, rank 0 proves that checkpoint.dir and train.output_dir can be written (a
-    missing bucket fails now, in one line, not an epoch later at the first save) and takes the
-    checkpoint dir's lease (one job per dir). Every rank learns the outcome and stops with it."""
-    lease, error = None, None
-    if peers.rank == 0:
-        try:
-            Storage(config_lib.checkpoint_dir(cfg)).probe("checkpoint.dir")
-            Storage(cfg.train.output_dir).probe("train.output_dir")
-            if cfg.checkpoint.lease_ttl_s > 0:
-                lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
-                              ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
-                lease.acquire()
-        except (ConfigError, TransientError) as e:
-            error = e
-    _, failed, _ = stop.agreed(peers, fault=error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise TransientError("rank 0 could not claim the checkpoint dir (see its message)")
-    return lease
 
 
 def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
@@ -381,28 +319,6 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 say(f"could not close the trackers cleanly: {type(e).__name__}: {e}")
         if lease is not None:
             lease.release()
-
-
-def exported_weights(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema: Optional[ModelEma],
-                     step: int, metrics: dict[str, float]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """What `{output_dir}/model` gets (export.select, export.weights) and where it came from. The last
-    validation ran at this step, so the weights in hand carry BN statistics for themselves; a best
-    checkpoint was saved right after its own validation, so its tensors do too."""
-    set_name = "ema" if cfg.export.weights == "ema" else "model"
-    module = ema.module if ema is not None and set_name == "ema" else model
-    provenance: dict[str, Any] = {"selected": "last", "weights": cfg.export.weights, "step": step,
-                                  "metrics": metrics, "final": {"step": step, "metrics": metrics}}
-    best = checkpointer.best() if cfg.export.select == "best" else None
-    if best is not None and not best.rstrip("/").endswith(step_folder(step)):
-        state, tensors = checkpointer.read_tensors(best, set_name)
-        module = copy.deepcopy(module)
-        module.load_state_dict(tensors, strict=True)
-        provenance.update(selected="best", step=state["step"], metrics=state.get("metrics") or {})
-    if cfg.export.select == "best":  # (the last step itself, when it scored best)
-        provenance["selected"] = "best"
-        provenance["best"] = {"step": provenance["step"], "metric": cfg.checkpoint.best_metric,
-                              "metrics": provenance["metrics"]}
-    return module, provenance
 
 
 def exit_code_for(error: Optional[BaseException]) -> int:
