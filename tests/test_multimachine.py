@@ -5,7 +5,6 @@ SIGTERM to one machine's launcher makes both save and exit 75; relaunching both 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from faultinject import free_port
-from train_helpers import PYTHON, REPO, describe, load_model_dir, run_train, tiny_args, train_env
+from faultinject import free_port, kill_tree
+from train_helpers import PYTHON, REPO, describe, finish, load_model_dir, run_train, start, tiny_args, train_env
 
 pytestmark = pytest.mark.slow  # two machines on localhost: launchers and training processes
 
@@ -28,23 +27,18 @@ def machine(rank: int, port: int, tmp_path: Path, cache_root: str) -> subprocess
                      "PYTHON": PYTHON})
     args = tiny_args(f"{cache_root}/machine{rank}", str(tmp_path / "out"), **STEPS,
                      checkpoint__dir=str(tmp_path / "shared-ck"))
-    return subprocess.Popen([str(REPO / "launch" / "one_node.sh"), *args], cwd=str(REPO), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return start([REPO / "launch" / "one_node.sh", *args], env)
 
 
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
-    results, deadline = [], time.monotonic() + timeout
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"a machine still ran after {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+def finish_all(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    """train_helpers.finish for each machine within one deadline; past it, every machine's tree is killed."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [finish(proc, max(1.0, deadline - time.monotonic())) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
 
 
 def assert_close_to(model_dir: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -67,7 +61,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> dic
 
 def test_two_machines_train_like_one_process(tmp_path, one_process):
     port = free_port()
-    results = finish([machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))], 400)
+    results = finish_all([machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))], 400)
     for r in results:
         assert r.returncode == 0, describe(r)
     assert "tinydist: 2 process(es)" in results[0].stdout, describe(results[0])
@@ -85,7 +79,7 @@ def test_sigterm_to_one_machine_stops_both_with_a_commit_and_both_resume(tmp_pat
         time.sleep(0.05)
     assert first_commit.exists(), "no first commit"
     procs[1].send_signal(signal.SIGTERM)  # machine 1's launcher only, as its VM's shutdown would
-    results = finish(procs, 300)
+    results = finish_all(procs, 300)
     assert [r.returncode for r in results] == [75, 75], "\n".join(describe(r) for r in results)
     stopped = [line for line in results[0].stdout.splitlines() if line.startswith("stopped at step")]
     assert stopped, describe(results[0])
@@ -93,7 +87,7 @@ def test_sigterm_to_one_machine_stops_both_with_a_commit_and_both_resume(tmp_pat
     assert step < 24 and (tmp_path / "shared-ck" / f"step-{step:08d}" / "COMMITTED").exists()
 
     port = free_port()  # a fresh rendezvous for the relaunch
-    results = finish([machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))], 400)
+    results = finish_all([machine(0, port, tmp_path, str(tmp_path)), machine(1, port, tmp_path, str(tmp_path))], 400)
     for r in results:
         assert r.returncode == 0, describe(r)
     assert f"resumed from {tmp_path / 'shared-ck'}/step-{step:08d}" in results[0].stdout, describe(results[0])
@@ -111,8 +105,7 @@ def elastic_machine(rank: int, port: int, tmp_path: Path, cache_root: str) -> su
                      "RDZV_CONF": "last_call_timeout=3,join_timeout=120"})
     args = tiny_args(f"{cache_root}/machine{rank}", str(tmp_path / "out"), **ELASTIC_STEPS,
                      checkpoint__dir=str(tmp_path / "shared-ck"), train__peer_timeout_s=60)
-    return subprocess.Popen([str(REPO / "launch" / "one_node.sh"), *args], cwd=str(REPO), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return start([REPO / "launch" / "one_node.sh", *args], env)
 
 
 ELASTIC_STEPS = {"train__max_steps": 40, "checkpoint__every_steps": 2}
@@ -127,7 +120,7 @@ def one_process_elastic(tmp_path_factory: pytest.TempPathFactory, cache_dir: str
 
 
 def test_elastic_run_survives_losing_a_machine(tmp_path, one_process_elastic):
-    from faultinject import children_of, kill_tree
+    from faultinject import children_of
 
     port = free_port()
     survivor = elastic_machine(0, port, tmp_path, str(tmp_path))
@@ -141,7 +134,7 @@ def test_elastic_run_survives_losing_a_machine(tmp_path, one_process_elastic):
         assert commit.exists(), "no commit with two machines"
         assert children_of(doomed.pid), "machine 1 has no workers"
         kill_tree(doomed.pid, signal.SIGKILL)  # the whole machine: launcher, agent and worker
-        (result,) = finish([survivor], 400)
+        (result,) = finish_all([survivor], 400)
     finally:
         for proc in (survivor, doomed):
             if proc.poll() is None:

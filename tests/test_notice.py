@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -504,27 +503,24 @@ def test_import_is_cheap() -> None:
 @pytest.mark.slow
 def test_notice_stops_a_run_with_a_commit(provider: str, tmp_path: Any, cache_dir: str) -> None:
     """The notice sets the same flag as SIGTERM: the run saves at the next step boundary and exits 75."""
-    import subprocess
-
-    from train_helpers import describe, tiny_args, train_command, train_env
+    from faultinject import kill_tree
+    from train_helpers import describe, finish, start, tiny_args, train_command
 
     server = FakeMetadata(provider)
     out = tmp_path / "out"
     args = tiny_args(cache_dir, str(out), train__max_steps=40, checkpoint__every_steps=2,
                      preemption__notice=provider, preemption__metadata_url=server.url, preemption__poll_s=0.1)
-    proc = subprocess.Popen(train_command(args), env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+    proc = start(train_command(args))
     try:
         first = out / "checkpoints" / "step-00000002" / "COMMITTED"
         assert wait_until(lambda: first.exists() or proc.poll() is not None, 240)
         server.notice = True
-        stdout, stderr = proc.communicate(timeout=120)
+        result = finish(proc, 120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        if proc.poll() is None:  # the wait above failed: nothing of this run may outlive the test
+            kill_tree(proc.pid)
         server.stop()
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    stdout = result.stdout
     assert proc.returncode == 75, describe(result)
     assert f"preemption notices: watching {provider} metadata" in stdout, describe(result)
     assert f"{ACTION_WORD[provider]}" in stdout.lower() and "received: stopping at the next step boundary" in stdout
