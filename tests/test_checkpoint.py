@@ -583,6 +583,7 @@ def _flaky_network(ck: Checkpointer):
     return down
 
 
+@pytest.mark.slow  # an injected network fault under a retrying save
 def test_s3_outage_mid_save_is_retried_while_training_goes_on(bucket):
     name, options = bucket
     model, opt = trained("sgd")
@@ -611,6 +612,7 @@ def test_s3_outage_mid_save_is_retried_while_training_goes_on(bucket):
     assert_same(model, opt, fresh, fresh_opt)
 
 
+@pytest.mark.slow  # an injected network fault under a retrying save
 def test_s3_save_still_retrying_is_superseded_by_the_next(bucket):
     name, options = bucket
     model, opt = trained("sgd")
@@ -634,6 +636,7 @@ def test_s3_save_still_retrying_is_superseded_by_the_next(bucket):
     assert not [k for k in _keys(options["endpoint_url"], name) if "step-00000002" in k]
 
 
+@pytest.mark.slow  # an injected network fault under a retrying save
 def test_s3_outage_longer_than_the_budget_stops_the_run_as_transient(bucket):
     name, options = bucket
     model, opt = trained("sgd")

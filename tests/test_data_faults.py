@@ -421,6 +421,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, step_s: float = 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux-only")
+@pytest.mark.slow  # kills a real process tree
 def test_decode_workers_take_default_sigterm_and_die_with_a_killed_parent(tmp_path):
     source = slow_source(tmp_path / "tiny-imagenet-200")
     out = open(tmp_path / "child.log", "w")
@@ -541,6 +542,7 @@ def test_a_missing_local_path_stays_a_data_error(source):
     assert "no such folder" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # a fresh interpreter through the CLI
 def test_cli_exits_transient_when_the_hub_is_unreachable(tmp_path):
     run = subprocess.run([sys.executable, "-m", "tinydist.data", "--data.source=zh-plus/tiny-imagenet",
                           f"--data.cache_dir={tmp_path}", "--json"],

@@ -21,6 +21,8 @@ import pytest
 from faultinject import (TcpProxy, children_of, fast_s3fs, free_port, is_mounted, kill_tree, make_bucket,
                          moto_server, s3_env, tmpfs, wait_gone)
 
+pytestmark = pytest.mark.slow  # the fault injectors themselves: real sockets, moto, tmpfs, process trees
+
 
 class _Hello(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the connection stays open between requests

@@ -63,7 +63,8 @@ def _train_handles_help() -> bool:
 
 TRAIN_PENDING = pytest.mark.xfail(not _train_handles_help(), strict=True,
                                   reason="train.main does not catch config.HelpRequested yet")
-ENTRY_POINTS = [pytest.param("tinydist.train", marks=TRAIN_PENDING), "tinydist.config", "tinydist.data"]
+# tinydist.train's --help imports torch in a fresh interpreter (seconds): slow; the other two are the fast loop's.
+ENTRY_POINTS = [pytest.param("tinydist.train", marks=[TRAIN_PENDING, pytest.mark.slow]), "tinydist.config", "tinydist.data"]
 
 
 # ---- what --help says ---------------------------------------------------------------------------
@@ -164,6 +165,7 @@ def test_data_help_names_its_own_options():
     assert result.stdout.startswith("usage: python -m tinydist.data --config FILE [--section.key=VALUE ...] [--json]")
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_evaluate_help_points_at_the_config_keys():
     result, _ = run("-m", "tinydist.evaluate", "--help")
     assert result.returncode == 0, result.stderr[-2000:]
