@@ -16,7 +16,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     model = resnet18(num_classes=num_classes)
     if cfg.stem == "cifar":
         # At 64x64 the ImageNet stem (7x7/2 conv + pool) throws away 15/16 of the pixels before the
-        # first block; a 3x3/1 stem keeps them (about 65% vs 53% top-1 in DESIGN.md's anchors).
+        # first block; a 3x3/1 stem keeps them (about 65% vs 53% top-1: the anchors in README.md's recipe table).
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()

@@ -1,4 +1,4 @@
-"""Which images each process trains on at each optimizer step (DESIGN.md principles 1 and 2).
+"""Which images each process trains on at each optimizer step (docs/design.md, principles 1 and 2).
 
 The training data is one endless stream: epoch e contributes a permutation drawn from (seed, e),
 and epochs follow each other. Optimizer step s consumes stream positions
