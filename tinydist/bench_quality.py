@@ -3,6 +3,7 @@ torchvision/DataLoader loop: same data, model, optimizer, schedule, epochs, micr
 
     python -m tinydist.bench quality [--seeds 0 1] [--epochs 3] [--config FILE] [--section.key=VALUE ...]
     python -m tinydist.bench quality --make-photos DIR [--photos-from FOLDER]   # an offline photo source
+    python -m tinydist.bench quality --data.source=DIR --data.crop_scale=[0.08,1.0] --data.hflip=true
 
 Default: configs/smoke.yaml (offline digits, 32 px), 3 epochs, seeds 0 and 1: a few minutes on 2 cores.
 tinydist's side is the loop of train.py rebuilt here from the project's own pieces, in-process (one
@@ -168,7 +169,7 @@ def table(results: dict[str, list[float]], seeds: Sequence[int]) -> list[str]:
     return lines
 
 
-def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int = 3000, val: int = 600,
+def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int = 3000, val: int = 1500,
                       sizes: tuple[int, int] = (64, 128), seed: int = 0) -> str:
     """An offline photo source: square patches (random side in `sizes`) of real photographs, labelled by
     photograph: scikit-learn's two sample photos plus every image in `photos_from` (e.g. the PNGs bundled
@@ -220,9 +221,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="diagnostic: tinydist's runs update BN statistics on every micro-batch, as the baseline")
     parser.add_argument("--make-photos", metavar="DIR", help="write the offline photo source to DIR and exit")
     parser.add_argument("--photos-from", metavar="FOLDER", help="extra photographs for --make-photos")
+    parser.add_argument("--photo-counts", nargs=2, type=int, default=[3000, 1500], metavar=("TRAIN", "VAL"),
+                        help="patches per split for --make-photos (default 3000 1500)")
     opts, overrides = parser.parse_known_args(argv)
     if opts.make_photos:
-        print(make_photo_source(opts.make_photos, opts.photos_from))
+        print(make_photo_source(opts.make_photos, opts.photos_from, *opts.photo_counts))
         return 0
     recipe = [] if any(a == "--config" or a.startswith("--config=") for a in overrides) else ["--config", SMOKE_RECIPE]
     try:

@@ -1,7 +1,9 @@
 """Tiny ImageNet through Hugging Face `datasets`: sources, and a decode-once uint8 cache.
 
 A source is opened as a `datasets.Dataset` per split with an image and a label column. Its images
-are decoded once, to RGB uint8 at `data.image_size`, by a parallel `Dataset.map` into Arrow files
+are decoded once, to RGB uint8 at `data.image_size` (or up to twice that, never above the source's own
+size, with `load_split(..., detail=2)`: crops are then resized once, on the device, antialiased), by a
+parallel `Dataset.map` into Arrow files
 under `data.cache_dir`, named by a fingerprint of (source data, split, size, subset) so that any
 change rebuilds. Every open checks the files against what their build recorded and rebuilds a
 damaged cache (datacache.py). Training reads those files memory-mapped through a zero-copy uint8
