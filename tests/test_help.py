@@ -82,7 +82,8 @@ def test_every_field_is_commented_and_the_reader_agrees_with_the_source():
 def test_sections_in_dataclass_order_and_every_key_under_its_own():
     lines = help_text("python -m tinydist.train").splitlines()
     headers = [line for line in lines if re.fullmatch(r"\[\w+\]", line)]
-    assert headers == ["[data]", "[model]", "[optim]", "[train]", "[checkpoint]", "[log]", "[preemption]"]
+    assert headers == ["[data]", "[model]", "[optim]", "[train]", "[mix]", "[ema]", "[eval]", "[export]",
+                       "[checkpoint]", "[log]", "[preemption]"]
     keys = [m.group(1) for line in lines if (m := re.match(r"^  ([\w.]+): ", line))]
     assert keys == all_keys()
     section = None
