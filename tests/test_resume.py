@@ -5,11 +5,13 @@ processes, a gloo group on this CPU-only machine). Signals are sent at precise p
 script that wraps functions of the package before calling `tinydist.train.main` — no test hooks in the
 package. One uninterrupted 1-process run (module fixture `reference`) is the yardstick: an interrupted and
 resumed run on the same world size must end bitwise equal to it, one resumed on another world size equal
-up to float rounding (DESIGN.md principles 1, 2, 4, 5).
+up to float rounding (docs/design.md, principles 1, 2, 4, 5).
 
 All runs share one recipe: configs/smoke.yaml (digits, offline) at 16x16, global batch 16 = micro 8 x
 accumulation 2 on one process, 12 steps, a checkpoint every 4 steps (keep_last 2), an evaluation every 3
-steps and a metrics line every step (so duplicated or missing steps show in metrics.jsonl).
+steps and a metrics line every step (so duplicated or missing steps show in metrics.jsonl); with the
+recipe tools that carry state or randomness: an EMA of the weights (checked like the weights), CutMix
+and MixUp drawn per micro-batch, PreciseBN before each evaluation, flip TTA.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def train_args(cache_dir: str, out: Path, *extra: str, max_steps: int = MAX_STEP
     """The recipe of every run here: the smoke config at 16 px on all of digits (not TINY's subset)."""
     return tiny_args(cache_dir, str(out), data__max_train_samples=None, train__max_steps=max_steps,
                      checkpoint__every_steps=EVERY, train__eval_every_steps=EVAL_EVERY, log__every_steps=1,
-                     train__global_batch_size=16, train__micro_batch_size=8) + list(extra)
+                     train__global_batch_size=16, train__micro_batch_size=8, ema__enabled="true", ema__decay=0.9,
+                     mix__cutmix_alpha=1.0, mix__mixup_alpha=0.4, mix__prob=0.8, eval__precise_bn_images=64,
+                     eval__flip_tta="true") + list(extra)
 
 
 def train(cache_dir: str, out: Path, *extra: str, max_steps: int = MAX_STEPS, processes: int = 1,
@@ -180,6 +184,11 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_model_weights(str(folder))[0]
 
 
+def ema_weights(out: Path, step: int = MAX_STEPS) -> dict[str, torch.Tensor]:
+    """The weights' moving average, as the checkpoint of `step` holds it (its own sharded set)."""
+    return load_model_weights(str(step_dir(out, step)), weights="ema")[0]
+
+
 def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(want)
     assert any(k.endswith("running_var") for k in want) and any(k.endswith("num_batches_tracked") for k in want)
@@ -222,6 +231,7 @@ def resumed_line(run: subprocess.CompletedProcess) -> str:
 class Reference(NamedTuple):
     out: Path
     weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
     losses: list[tuple[int, float]]
 
 
@@ -235,7 +245,10 @@ def reference(cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Refer
     ref_losses = losses(out)
     assert [s for s, _ in ref_losses] == list(range(1, MAX_STEPS + 1))
     assert events(out) == []
-    return Reference(out, weights(out / "model"), ref_losses)
+    assert [r["step"] for r in metrics(out) if "val_ema/top1_flip" in r] == [3, 6, 9, 12]
+    ema = ema_weights(out)
+    assert not torch.equal(ema["fc.weight"], weights(out / "model")["fc.weight"])  # an average, not a copy
+    return Reference(out, weights(out / "model"), ema, ref_losses)
 
 
 # ---- 1. SIGTERM at three awkward moments, resumed with the same command: bitwise the same run -------------
@@ -267,6 +280,7 @@ def test_sigterm_then_resume_is_bitwise_identical(reference: Reference, cache_di
         f"resumed from {out}/checkpoints/step-{stop_step:08d} at step {stop_step} (saved by 1 process(es)")
 
     assert_bitwise_equal(weights(out / "model"), reference.weights)
+    assert_bitwise_equal(ema_weights(out), reference.ema)
     # Each step's training loss is logged exactly once, and is the reference's, to the last bit.
     assert losses(out) == reference.losses
     assert [r["step"] for r in metrics(out) if "val/top1" in r] == [3, 6, 9, 12]
@@ -322,6 +336,7 @@ def test_two_processes_then_one(reference: Reference, two_then_one: tuple[Path, 
     assert resumed_line(one).startswith(
         f"resumed from {out}/checkpoints/step-00000006 at step 6 (saved by 2 process(es)")
     assert_params_close(weights(out / "model"), reference.weights, "2 processes -> 1")
+    assert_params_close(ema_weights(out), reference.ema, "2 processes -> 1, EMA")
     assert [s for s, _ in losses(out)] == list(range(1, MAX_STEPS + 1))
     assert events(out) == [("resumed", 6)]
 
@@ -346,6 +361,7 @@ def test_one_process_then_two(reference: Reference, cache_dir: str, tmp_path: Pa
     assert resumed_line(two).startswith(
         f"resumed from {out}/checkpoints/step-00000008 at step 8 (saved by 1 process(es)")
     assert_params_close(weights(out / "model"), reference.weights, "1 process -> 2")
+    assert_params_close(ema_weights(out), reference.ema, "1 process -> 2, EMA")
     assert committed_steps(out) == [8, 12]
 
 
