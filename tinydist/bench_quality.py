@@ -10,10 +10,10 @@ tinydist's side is the loop of train.py rebuilt here from the project's own piec
 process, no Accelerate): GlobalSampler -> Prefetcher (cache gather + crops drawn from (seed, epoch,
 micro-batch)) -> augment() on the device -> model, BN statistics from each step's first micro-batch
 (model.BNStatistics), loss / accumulation, optimizer and schedule stepped per global batch, then
-evaluate.evaluate on the val cache. Variants: `tinydist` keeps the train cache at up to 2x
-data.image_size (load_split detail=2) and resamples each crop once, antialiased, to data.image_size;
-`tinydist-legacy` is the cache at data.image_size + bilinear grid_sample (what train.py does until it
-passes detail=2 and size=). The baseline decodes the source's own images per item with PIL:
+evaluate.evaluate on the val cache. Variants: `tinydist` is train.py's default (data.train_detail=2:
+the train cache at up to 2x data.image_size, each crop resampled once, antialiased, to data.image_size);
+`tinydist-legacy` is data.train_detail=1 (the cache at data.image_size + bilinear grid_sample), the
+pipeline before the fix. The baseline decodes the source's own images per item with PIL:
 RandomResizedCrop(size, scale=crop_scale, antialias=True), RandomHorizontalFlip (if data.hflip),
 ToTensor, Normalize; eval Resize(size) + CenterCrop(size); batches = the same GlobalSampler
 micro-batches, BN statistics updated by every forward (a plain loop).

@@ -74,6 +74,10 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     # Random horizontal flips in training (off for data where mirroring changes the class).
     hflip: bool = True
+    # The training cache keeps up to this many times image_size pixels per side (never more than the
+    # source has); each random crop is then resized to image_size once, antialiased, as torchvision's
+    # RandomResizedCrop does from the original. 1 = cache at image_size, crops resampled from it.
+    train_detail: int = 2
 
 
 @dataclass
@@ -251,7 +255,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "export.weights": ("raw", "ema"),
 }
 TRACKERS = ("wandb", "tensorboard")
-POSITIVE = ("data.image_size", "train.global_batch_size", "train.micro_batch_size",
+POSITIVE = ("data.image_size", "data.train_detail", "train.global_batch_size", "train.micro_batch_size",
             "train.eval_batch_size", "log.every_steps", "checkpoint.keep_last")
 
 

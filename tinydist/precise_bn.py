@@ -66,7 +66,7 @@ def recompute_bn_statistics(model: nn.Module, data: Any, images: int, seed: int,
         for indices in batches[rank::world_size]:
             images_, _ = to_device(data.gather(indices), data.labels[indices], device)
             with autocast() if autocast else contextlib.nullcontext():
-                model(eval_transform(images_, channels_last))
+                model(eval_transform(images_, channels_last, getattr(data, "image_size", None)))
     finally:
         for handle in handles:
             handle.remove()

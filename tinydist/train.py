@@ -93,7 +93,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         # Data: decoded once per node, then memory-mapped by every rank.
         try:
             train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples,
-                                    accelerator.local_main_process_first, log=say)
+                                    accelerator.local_main_process_first, log=say, detail=cfg.data.train_detail)
             val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples,
                                   accelerator.local_main_process_first, log=say)
         except RuntimeError as e:
@@ -228,7 +228,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             set_lr(optimizer.optimizer, lr, momentum)
             for micro_step in range(accumulation):
                 micro = prefetch.next()  # gathered, copied and its crops drawn while the last one computed
-                inputs = augment(micro.images, micro.theta, cfg.model.channels_last)
+                inputs = augment(micro.images, micro.theta, cfg.model.channels_last, cfg.data.image_size)
                 counts = micro.index % sampler.micro_batches_per_step == 0  # BN statistics: see model.py
                 syncing = micro_step == accumulation - 1
                 with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
