@@ -37,7 +37,7 @@ WORLD_DRIVER = """
 import json, os, sys
 import torch
 import torch.distributed as dist
-from tinydist.train import make_accelerator
+from tinydist.accel import make_accelerator
 
 acc = make_accelerator()
 rank = acc.process_index
@@ -298,6 +298,11 @@ def test_smoke_recipe_learns_digits(smoke_run):
     val = [m for m in metrics if "val/top1" in m]
     assert val, describe(result)
     assert val[-1]["val/top1"] >= 0.9, f"final val top-1 {val[-1]['val/top1']:.4f} < 0.9: {val}"
+    # The recipe keeps an EMA of the weights: validated beside them, and not worse at the end.
+    assert all("val_ema/top1" in m for m in val), val
+    assert val[-1]["val_ema/top1"] >= val[-1]["val/top1"], val[-1]
+    # PreciseBN: the first validation (one epoch in, at peak learning rate) is already sane.
+    assert val[0]["val/loss"] < 3.0 and val[0]["val/top1"] > 0.3, val[0]
     train = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert train[-1] < 0.5 * math.log(10) < train[0], f"train loss did not fall: {train}"
 
@@ -391,6 +396,10 @@ def test_evaluate_cli_reproduces_final_validation(smoke_run, cache_dir):
     assert scores["val/top5"] == pytest.approx(last["val/top5"], abs=1e-6), (scores, last)
     assert scores["val/loss"] == pytest.approx(last["val/loss"], rel=1e-4), (scores, last)
     assert scores["images"] == 299  # digits: 1797 images, one sixth held out
+    # config.json says what was exported and what it scored: the same figures.
+    card = json.load(open(os.path.join(out, "model", "config.json")))
+    assert card["provenance"]["selected"] == "last" and card["provenance"]["weights"] == "raw"
+    assert card["provenance"]["metrics"]["val/top1"] == pytest.approx(scores["val/top1"], abs=1e-6)
 
 
 @pytest.mark.slow
