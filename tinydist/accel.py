@@ -23,7 +23,7 @@ def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
         raise ConfigError("log.report_to has `tensorboard` but it is not installed: pip install -e '.[tensorboard]'")
     staging = local_staging_dir(cfg.train.output_dir) if cfg else None
     # Every collective waits at most train.peer_timeout_s for a peer (torch's default is 10-30 min).
-    timeout = datetime.timedelta(seconds=cfg.train.peer_timeout_s if cfg else 300)
+    timeout = datetime.timedelta(seconds=(cfg or Config()).train.peer_timeout_s)
     return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])

@@ -112,7 +112,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         total_steps = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
         last_step = min(total_steps, cfg.train.max_steps or total_steps)
         warmup_steps = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
-        triggers = Triggers(cfg, sampler.steps_per_epoch, last_step)
+        triggers = Triggers(cfg, sampler.epoch_at, last_step)
         say(f"data: {len(train_data)} train / {len(val_data)} val images, {num_classes} classes; global batch "
             f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {world} processes x "
             f"{accumulation} accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from tinydist.config import Config
 
@@ -11,12 +12,12 @@ from tinydist.config import Config
 @dataclass
 class Triggers:
     cfg: Config
-    steps_per_epoch: float  # optimizer steps per pass over the training split (fractional)
+    epoch_at: Callable[[int], float]  # epochs completed after a number of steps (sampler.epoch_at)
     last_step: int  # the loop stops after this step
 
     def epoch_ended(self, step: int) -> bool:
         """Step `step` (1-based count of steps done) completed an epoch."""
-        return math.floor(step / self.steps_per_epoch) > math.floor((step - 1) / self.steps_per_epoch)
+        return math.floor(self.epoch_at(step)) > math.floor(self.epoch_at(step - 1))
 
     def should_log(self, step: int, stopping: bool) -> bool:
         return step % self.cfg.log.every_steps == 0 or step == self.last_step or stopping
