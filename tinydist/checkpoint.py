@@ -464,6 +464,7 @@ class Checkpointer:
                 if ok:  # marker first: a half-deleted checkpoint must never look committed
                     self.storage.remove(f"{name}/{MARKER}")
                 self.storage.remove(name, recursive=True)
+                self._metric_of.pop(name, None)
                 if stale:
                     self.log(f"removed uncommitted {self.storage.show(name)} (an interrupted or failed save)")
             elif ok and self.storage.local:
