@@ -1,0 +1,41 @@
+"""tinydist.evaluate.evaluate: plain metrics, flip TTA as its own metric, a prefix for the EMA."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinydist.augment import eval_transform
+from tinydist.evaluate import evaluate
+
+
+class Split:
+    def __init__(self, n: int = 40, side: int = 8, classes: int = 3) -> None:
+        rng = np.random.default_rng(0)
+        self.pixels = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+        self.labels = rng.integers(0, classes, n).astype(np.int64)
+        self.classes = [f"c{i}" for i in range(classes)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return self.pixels[rows]
+
+
+def test_flip_tta_scores_the_averaged_logits_beside_the_plain_ones() -> None:
+    split = Split()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))  # not mirror-symmetric
+    metrics = evaluate(model, split, 16, torch.device("cpu"), channels_last=False, flip=True, prefix="val_ema")
+    assert set(metrics) == {f"val_ema/{k}" for k in ("loss", "top1", "top5", "top1_flip", "top5_flip")}
+    with torch.no_grad():
+        x = eval_transform(torch.from_numpy(split.pixels), channels_last=False)
+        y = torch.from_numpy(split.labels)
+        plain, mirrored = model(x), model(x.flip(3))
+    assert metrics["val_ema/top1"] == (plain.argmax(1) == y).sum().item() / len(y)
+    assert metrics["val_ema/top1_flip"] == ((plain + mirrored).argmax(1) == y).sum().item() / len(y)
+    assert metrics["val_ema/top1_flip"] != metrics["val_ema/top1"]  # the mirror really was scored
+    assert abs(metrics["val_ema/loss"] - F.cross_entropy(plain, y).item()) < 1e-5
+    assert "val/top1_flip" not in evaluate(model, split, 16, torch.device("cpu"), channels_last=False)
