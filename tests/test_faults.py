@@ -216,11 +216,11 @@ def _wrong_shape_momentum(folder: Path) -> None:
     (_edit_state(step=10**30), "says step 1000000000000000000000000000000; expected the folder's own step 4"),
     (_edit_state(step=-1), "says step -1"),
     (_edit_state(step="abc"), "says step 'abc'"),
-    (_edit_state(schedule__last_epoch=-5), "last_epoch -5"),
+    (_edit_state(epoch=99.0), "epoch 99.0 at step 4"),
     (_edit_state(samples=1), "samples 1 at step 4"),
     (_edit_state(optimizer__param_groups=[]), "param groups differ"),
     (_wrong_shape_momentum, "fc.weight.momentum_buffer is (3, 3)"),
-], ids=["step-huge", "step-negative", "step-text", "schedule", "samples", "groups", "optimizer-shape"])
+], ids=["step-huge", "step-negative", "step-text", "epoch", "samples", "groups", "optimizer-shape"])
 def test_edited_checkpoint_is_refused_in_one_line(tmp_path, saved_run, cache_dir, edit, reason):
     out = tmp_path / "run"
     shutil.copytree(saved_run, out)
