@@ -298,9 +298,13 @@ def test_smoke_recipe_learns_digits(smoke_run):
     val = [m for m in metrics if "val/top1" in m]
     assert val, describe(result)
     assert val[-1]["val/top1"] >= 0.9, f"final val top-1 {val[-1]['val/top1']:.4f} < 0.9: {val}"
-    # The recipe keeps an EMA of the weights: validated beside them, and not worse at the end.
+    # The recipe keeps an EMA of the weights, validated beside them: far ahead at the first validation
+    # (peak learning rate), level with them at the end of the cosine schedule, where the learning rate is
+    # ~0 and the two are nearly the same weights: within one of the 299 images (seeds 0, 1 on 1 and 2
+    # threads: -1, 0, +1 images).
     assert all("val_ema/top1" in m for m in val), val
-    assert val[-1]["val_ema/top1"] >= val[-1]["val/top1"], val[-1]
+    assert val[0]["val_ema/top1"] > val[0]["val/top1"] + 0.05, val[0]
+    assert val[-1]["val_ema/top1"] >= val[-1]["val/top1"] - 1.5 / 299, val[-1]
     # PreciseBN: the first validation (one epoch in, at peak learning rate) is already sane.
     assert val[0]["val/loss"] < 3.0 and val[0]["val/top1"] > 0.3, val[0]
     train = [m["train/loss"] for m in metrics if "train/loss" in m]
