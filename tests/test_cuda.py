@@ -108,6 +108,16 @@ def final_checkpoint(out: Path, step: int) -> Path:
     return folder
 
 
+def assert_same_run(parts: Path, whole: Path, last_step: int) -> None:
+    """The run stopped and resumed (`parts`) is the uninterrupted one (`whole`): exported model and final
+    optimizer state bitwise, every step's training loss to the last bit."""
+    assert_bitwise_equal(load_model_dir(str(parts / "model")), load_model_dir(str(whole / "model")), "exported model")
+    assert_bitwise_equal(load_sharded(final_checkpoint(parts, last_step), "optimizer"),
+                         load_sharded(final_checkpoint(whole, last_step), "optimizer"),
+                         f"optimizer state at step {last_step}")
+    assert train_losses(parts) == train_losses(whole)
+
+
 # ---- (a) SIGTERM mid-step on the GPU, resumed: bitwise the run that never stopped ----------------------------
 
 
@@ -136,10 +146,7 @@ def test_sigterm_then_resume_on_the_gpu_is_bitwise_identical(cache_dir: str, tmp
     assert f"resumed from {parts}/checkpoints/step-00000003 at step 3 (saved by 1 process(es) on {DEVICE})" \
         in resumed.stdout, describe(resumed)
 
-    assert_bitwise_equal(load_model_dir(str(parts / "model")), load_model_dir(str(whole / "model")), "exported model")
-    assert_bitwise_equal(load_sharded(final_checkpoint(parts, 6), "optimizer"),
-                         load_sharded(final_checkpoint(whole, 6), "optimizer"), "optimizer state at step 6")
-    assert train_losses(parts) == train_losses(whole)
+    assert_same_run(parts, whole, 6)
     assert [s for s, _ in train_losses(whole)] == list(range(1, 7))
 
 
@@ -273,8 +280,5 @@ def test_bf16_run_resumes_bitwise_on_the_gpu(cache_dir: str, tmp_path: Path, dri
     assert f"resumed from {parts}/checkpoints/step-00000002 at step 2 (saved by 1 process(es) on {DEVICE})" \
         in result.stdout, describe(result)
 
-    assert_bitwise_equal(load_model_dir(str(parts / "model")), load_model_dir(str(whole / "model")), "exported model")
-    assert_bitwise_equal(load_sharded(final_checkpoint(parts, 4), "optimizer"),
-                         load_sharded(final_checkpoint(whole, 4), "optimizer"), "optimizer state at step 4")
-    assert train_losses(parts) == train_losses(whole)
+    assert_same_run(parts, whole, 4)
     assert all(math.isfinite(loss) for _, loss in train_losses(whole))

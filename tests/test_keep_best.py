@@ -103,3 +103,26 @@ def test_the_learning_rate_is_a_pure_function_of_the_step(schedule: str, name: s
                 key = "momentum" if name == "sgd" else "betas"
                 assert got[key] == pytest.approx(want[key], rel=1e-12), step
             reference.step()
+
+
+def test_export_select_best_takes_the_best_checkpoints_weights(tmp_path) -> None:
+    from tinydist.config import Config
+    from tinydist.export import exported_weights
+
+    model, optimizer = tiny()
+    ck = Checkpointer(str(tmp_path), keep_last=1, log=lambda _: None, best_metric="val/top1")
+    ck.save(1, model, optimizer, {"metrics": {"val/top1": 0.9}}, blocking=True)
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    ck.save(2, model, optimizer, {"metrics": {"val/top1": 0.5}}, blocking=True)
+    cfg = Config()
+    cfg.export.select = "best"
+    module, provenance = exported_weights(cfg, ck, model, None, 2, {"val/top1": 0.5})
+    assert module is not model and provenance["selected"] == "best" and provenance["step"] == 1
+    assert provenance["metrics"] == {"val/top1": 0.9} and provenance["best"]["step"] == 1
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in best.items())
+    assert not torch.equal(model.fc.weight, best["fc.weight"])  # the live model is left alone
+    cfg.export.select = "last"
+    module, provenance = exported_weights(cfg, ck, model, None, 2, {"val/top1": 0.5})
+    assert module is model and provenance["selected"] == "last" and provenance["step"] == 2

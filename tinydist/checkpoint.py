@@ -567,13 +567,6 @@ class Checkpointer:
         return state
 
 
-    def read_tensors(self, path: str, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        """One verified sharded set of a committed checkpoint (model, optimizer or ema) and its state.json."""
-        storage, name = self._locate(path)
-        state = fmt.read_state(storage, name)
-        return state, fmt.load_tensors(storage, name, state, prefix)
-
-
 def check_fits(path: str, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     """Saved tensors must be exactly the module's state_dict: same keys, shapes and dtypes."""
     hint = "saved with another model.stem or number of classes?"

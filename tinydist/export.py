@@ -242,6 +242,14 @@ def is_checkpoint(url: str) -> bool:
     return storage.exists(STATE) or storage.exists(MARKER)
 
 
+def read_checkpoint_weights(url: str, weights: str = "model") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json, one verified sharded set: "model" or "ema") of a committed checkpoint folder."""
+    parent, _, folder = url.rstrip("/").rpartition("/")
+    storage = Storage(parent or ".")
+    state = read_state(storage, folder)
+    return state, load_tensors(storage, folder, state, weights)
+
+
 def load_model_weights(url: str, weights: str = "model") -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """(state dict, the run's config as a dict, or None) of a checkpoint folder or an exported model,
     every byte verified: a checkpoint through ckpt_format (COMMITTED marker, state.json schema, sizes
@@ -251,10 +259,8 @@ def load_model_weights(url: str, weights: str = "model") -> tuple[dict[str, torc
     if weights not in ("model", "ema"):
         raise CheckpointError(f"weights {weights!r}; expected 'model' or 'ema'")
     if is_checkpoint(url):
-        parent, _, folder = url.rstrip("/").rpartition("/")
-        storage = Storage(parent or ".")
-        state = read_state(storage, folder)
-        return load_tensors(storage, folder, state, weights), state.get("config")
+        state, tensors = read_checkpoint_weights(url, weights)
+        return tensors, state.get("config")
     if weights != "model":
         raise CheckpointError(f"{url}: an exported model folder holds one set of weights (config.json's "
                               f"provenance says which); weights={weights!r} applies to checkpoint folders only")
@@ -368,7 +374,7 @@ def exported_weights(cfg: Config, checkpointer: Any, model: torch.nn.Module, ema
                                   "metrics": metrics, "final": {"step": step, "metrics": metrics}}
     best = checkpointer.best() if cfg.export.select == "best" else None
     if best is not None and not best.rstrip("/").endswith(step_folder(step)):
-        state, tensors = checkpointer.read_tensors(best, set_name)
+        state, tensors = read_checkpoint_weights(best, set_name)
         module = copy.deepcopy(module)
         module.load_state_dict(tensors, strict=True)
         provenance.update(selected="best", step=state["step"], metrics=state.get("metrics") or {})
