@@ -483,8 +483,10 @@ def test_spot_forwards_signal_and_does_not_relaunch(tmp_path, sig):
     trainer = script(tmp_path / "trainer.py", SIGNALLED_TRAINER)
     env = clean_env(TRAIN_CMD=f"{PY} {trainer}", STUB_DIR=tmp_path, CHECKPOINT_DIR="s3://b/r",
                     PREEMPT_DELAY_S=0, BACKOFF_S=0, MAX_ATTEMPTS=5)
+    # SIGINT at its default: a shell cannot trap a signal ignored when it started, and pytest run as a
+    # background job of a non-interactive shell passes SIGINT on ignored.
     proc = subprocess.Popen([str(LAUNCH / "spot_relaunch.sh")], env=env, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(tmp_path / "ready0", proc)
         proc.send_signal(sig)  # to the loop only: it must forward it
