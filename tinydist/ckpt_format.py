@@ -24,7 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from tinydist.exitcodes import one_line
+from tinydist.exitcodes import PermanentError, one_line
 from tinydist.storage import Storage
 
 FORMAT = "tinydist-checkpoint/1"
@@ -35,7 +35,7 @@ RESERVED = ("step", "format", "world_size", "saved_at", "versions", "optimizer",
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(PermanentError):
     """A checkpoint is missing, corrupt, invalid or does not fit the model. Always one line."""
 
     def __init__(self, message: str) -> None:

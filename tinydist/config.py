@@ -30,22 +30,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 # Pure helpers (no torch): loading and checking a config must not import the training stack.
 from tinydist.cadence import parse_every_minutes
+from tinydist.exitcodes import HelpRequested, PermanentError  # noqa: F401 - HelpRequested: raised here, caught by cli
 from tinydist.storage import parse_size
 
 # The one source of this default (checkpoints, the export and the config all use it).
 DEFAULT_MAX_SHARD_SIZE = "10MB"
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A bad configuration: the message is one line, fit to show the user as is."""
-
-
-class HelpRequested(Exception):
-    """`--help` or `-h` was given: not an error. Entry points print `text` to stdout and exit 0."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 HELP_FLAGS = ("--help", "-h")

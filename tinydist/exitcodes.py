@@ -9,8 +9,10 @@
         incompatible or invalid checkpoint
     any other code: a crash (a bug)                                   relaunch with backoff, bounded
 
-`train.main` alone turns what happened into a code (`exit_code_for`); the exception classes below
-only say which of those happened. No torch import here: launchers read these constants.
+`cli.exit_code_for` alone turns what happened into a code, for every entry point (`cli.run`); the
+two exception classes below are the contract's own words for "relaunch later" and "never relaunch",
+and each module's errors say which they are by deriving from one of them, on purpose (never by
+happening to inherit from OSError or ValueError). No torch import here: launchers read these constants.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ EXIT_CRASH = 1
 
 
 def one_line(message: object) -> str:
+    """A message as one line: what every error the user sees must be (newlines and runs of spaces folded)."""
     return " ".join(str(message).split())
 
 
@@ -32,3 +35,16 @@ class TransientError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+class HelpRequested(Exception):
+    """`--help` / `-h`: `text` goes to stdout and the code is 0; not a run, not an error."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("help requested")
+        self.text = text
+
+
+class PermanentError(Exception):
+    """No relaunch can fix it: a bad config, bad data content, an invalid or incompatible checkpoint,
+    storage that refuses writes (read-only, no permission). Exit 2; the message is one line."""

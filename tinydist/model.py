@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from tinydist.config import ModelConfig
+from tinydist.exitcodes import PermanentError
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -62,8 +63,8 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1
 
 
-class SoftmaxBeforeLossError(RuntimeError):
-    pass
+class SoftmaxBeforeLossError(PermanentError, RuntimeError):
+    """The model outputs probabilities where the loss expects logits: training would learn nothing."""
 
 
 def check_first_step(logits: torch.Tensor, loss: float, num_classes: int, label_smoothing: float = 0.0) -> None:

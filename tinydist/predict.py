@@ -20,13 +20,13 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from tinydist.exitcodes import EXIT_CONFIG
+from tinydist.exitcodes import EXIT_CONFIG, PermanentError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BATCH = 64
 
 
-class PredictError(Exception):
+class PredictError(PermanentError):
     """Something the user named is missing or wrong: one line, exit 2."""
 
 

@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from typing import Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
@@ -27,25 +26,26 @@ if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this
 import torch
 import torch.nn.functional as F
 
+from tinydist import cli
 from tinydist import config as config_lib
 from tinydist.accel import make_accelerator, requested_processes
 from tinydist.augment import augment
 from tinydist.cadence import SaveClock
-from tinydist.checkpoint import CheckpointError, Checkpointer
+from tinydist.checkpoint import Checkpointer
 from tinydist.ckpt_format import tensor_sets
-from tinydist.config import Config, ConfigError, HelpRequested, load_config
+from tinydist.config import Config, ConfigError, load_config
 from tinydist.console import Console
 from tinydist.data import load_split
 from tinydist.ema import ModelEma
 from tinydist.evaluate import evaluate
-from tinydist.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT, TransientError
+from tinydist.exitcodes import EXIT_OK, EXIT_PREEMPTED, TransientError
 from tinydist.export import export_model, exported_weights
 from tinydist.hostmem import keep_freed_memory
 from tinydist.labels import class_names
-from tinydist.launch import EXIT_DIR_ENV, record_exit_code
+from tinydist.launch import EXIT_DIR_ENV
 from tinydist.lease import Lease, claim_storage
 from tinydist.mix import apply_mix, mix_enabled, soft_cross_entropy
-from tinydist.model import BNStatistics, SoftmaxBeforeLossError, build_model, check_first_step
+from tinydist.model import BNStatistics, build_model, check_first_step
 from tinydist.notice import watch_in_background
 from tinydist.optim import apply_hyperparameters, build_optimizer, lr_at, set_lr
 from tinydist.peers import Peers, is_peer_failure
@@ -321,45 +321,19 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             lease.release()
 
 
-def exit_code_for(error: Optional[BaseException]) -> int:
-    """The one place that maps what happened to the exit-code contract (see exitcodes.py)."""
-    if error is None:
-        return EXIT_OK
-    if isinstance(error, (ConfigError, CheckpointError, SoftmaxBeforeLossError)):
-        return EXIT_CONFIG  # bad config, data content, or checkpoint: no relaunch can fix it
-    if isinstance(error, TransientError) or is_peer_failure(error):
-        return EXIT_TRANSIENT  # storage, network, hub, a peer, a lease: relaunch with backoff
-    return EXIT_CRASH  # a bug
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    code, message = EXIT_CRASH, ""
+    # The stop flag stays installed until the exit code is recorded: a signal on the way out (torchrun's
+    # agent SIGTERMs the survivors of a lost rank) must not kill us first.
     stop = StopFlag(log=lambda line: print(line, flush=True))
-    try:
-        code = train(load_config(sys.argv[1:] if argv is None else argv), stop)
-    except HelpRequested as e:  # --help / -h: every config key, on stdout; not a run
-        print(e.text, end="")
-        code = EXIT_OK
-    except Exception as e:  # noqa: BLE001 - every failure gets a code from the contract, not a default
-        code = exit_code_for(e)
-        if code == EXIT_CRASH:
-            traceback.print_exc()
-            message = f"error: crashed with {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-        elif is_peer_failure(e) and not isinstance(e, TransientError):  # raised by a collective of the loop
-            message = f"error: a peer process was lost: {str(e).strip().splitlines()[0][:300]}"
-        else:
-            message = f"error: {e}"
-        if code != EXIT_CRASH and (os.environ.get("RANK", "0") == "0" or code == EXIT_TRANSIENT):
-            print(message, file=sys.stderr)  # the same on every rank: said once
-        if code == EXIT_TRANSIENT:
-            print(f"exit {EXIT_TRANSIENT} (transient): a relaunch after a pause can succeed", file=sys.stderr)
-        if not os.environ.get(EXIT_DIR_ENV) and os.environ.get("ACCELERATE_MIXED_PRECISION") is not None:
+
+    def accelerate_note(code: int, message: str) -> None:
+        stop.restore()
+        if code not in (EXIT_OK, EXIT_PREEMPTED) and not os.environ.get(EXIT_DIR_ENV) \
+                and os.environ.get("ACCELERATE_MIXED_PRECISION") is not None:
             print(f"note: `accelerate launch` reports exit {code} as 1 and prints its own traceback below this; "
                   "`tinydist-launch` (the same flags) keeps the code and ends with the error", file=sys.stderr)
-    finally:
-        record_exit_code(code, message)  # for `python -m tinydist.launch`: accelerate launch would say 1
-        stop.restore()
-    return code
+
+    return cli.run(lambda: train(load_config(sys.argv[1:] if argv is None else argv), stop), on_exit=accelerate_note)
 
 
 if __name__ == "__main__":
