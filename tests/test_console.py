@@ -32,6 +32,36 @@ def test_log_file_gets_plain_timestamped_progress_lines_at_an_interval():
     assert "step 50: val top-1 0.5" in lines  # a message is a line of its own
 
 
+def test_a_progress_line_never_repeats_a_stale_loss_as_news():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        console = Console(True, total=100, start=0, interval_s=0, tty=False)
+        console.start_progress(total=30, start=5)  # resumed at step 5
+        console.progress(10, 1.0, loss="0.9")
+        console.progress(15, 1.5)  # nothing logged since step 10
+        console.progress(16, 1.6)
+        console.close()
+    lines = [line.split(" ", 2)[2] for line in out.getvalue().splitlines() if STAMP.match(line)]
+    assert lines[0].startswith("step 10/30 epoch 1.00 loss 0.9 eta"), lines
+    assert lines[1].startswith("step 15/30 epoch 1.50 eta"), lines  # already shown at step 10: not again
+    assert lines[2].startswith("step 16/30 epoch 1.60 eta"), lines
+
+
+def test_a_progress_line_dates_a_loss_logged_before_its_step():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        console = Console(True, total=100, start=0, interval_s=0, tty=False)
+        console.start_progress()
+        console.progress(1, 0.1)
+        console._last_line = float("inf")  # the interval has not passed: no line at step 10
+        console.progress(10, 1.0, loss="0.9")
+        console._last_line = 0.0
+        console.progress(12, 1.2)
+        console.close()
+    lines = [line.split(" ", 2)[2] for line in out.getvalue().splitlines() if STAMP.match(line)]
+    assert lines[-1].startswith("step 12/100 epoch 1.20 loss 0.9 (at step 10) eta"), lines
+
+
 def test_inactive_ranks_print_nothing():
     out = io.StringIO()
     with redirect_stdout(out):

@@ -14,6 +14,8 @@ Faults (each one line in the log; training goes on):
 - disk full: the attempt's own files are removed at once, the message says how much was needed
   and how much is free, and the next save tries again.
 - a checkpoint dir leased by another job (lease.py): no commit.
+- a NaN or infinite tensor (the run diverged): no commit; `fault` is set to a DivergedError and the
+  loop stops the run with exit 2 (divergence.py). Checked on the host copies, in the writer thread.
 A folder without its marker does not exist for the loader; older checkpoints are deleted only after
 a newer commit; uncommitted folders and stray temp files are removed by `cleanup`.
 """
@@ -32,6 +34,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from tinydist import ckpt_format as fmt
 from tinydist.ckpt_format import MARKER, STATE, CheckpointError, step_folder
+from tinydist.divergence import DivergedError, nonfinite_tensors
 from tinydist.exitcodes import TransientError
 from tinydist.lease import Lease
 from tinydist.peers import Peers
@@ -111,7 +114,8 @@ class Checkpointer:
         self.peers = peers
         self.best_metric = best_metric  # keep the commit with the highest meta["metrics"][best_metric] too
         self._metric_of: dict[str, Optional[float]] = {}  # folder -> its metric, read once per folder
-        self.fault: Optional[BaseException] = None  # set when the run should stop (outage too long)
+        self.fault: Optional[BaseException] = None  # set when the run should stop (outage too long, diverged)
+        self.last_commit: Optional[int] = None  # step of the newest commit this job made or resumed from
         self.last_error: Optional[BaseException] = None  # the last save's failure, if it failed
         self._failing_since: Optional[float] = None  # first failure since the last good save
         self._inflight: Optional[_InFlight] = None
@@ -227,11 +231,11 @@ class Checkpointer:
         self._supersede_or_wait()
         name = step_folder(step)
         where = self.storage.show(name)
-        try:
-            meta = json.loads(json.dumps(meta))  # a private copy; fails early on what JSON cannot hold
+        try:  # a private copy; fails early on what strict JSON cannot hold (state.json is never bare NaN)
+            meta = json.loads(json.dumps(meta, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {where}: meta is not JSON-serialisable ({e}); "
-                                  "expected a dict of str/int/float/bool/None/list/dict") from e
+                                  "expected a dict of str/int/float/bool/None/list/dict, finite numbers") from e
         clash = [k for k in fmt.RESERVED if k in meta and not (k == "step" and meta[k] == step)]
         if clash:
             raise CheckpointError(f"checkpoint {where}: meta uses reserved keys {clash}; "
@@ -340,6 +344,11 @@ class Checkpointer:
                 if cancel.wait(delay):
                     return
                 delay = min(delay * 2, self.max_retry_s)
+            except DivergedError as e:
+                attempt.undo()
+                inflight.error = self.last_error = self.fault = e  # the loop stops at its next step boundary
+                self.log(f"error: {e}")
+                return
             except BaseException as e:  # noqa: BLE001 - CheckpointError, a lost lease, a bug: re-raised by wait()
                 attempt.undo()
                 inflight.error = self.last_error = e
@@ -359,6 +368,7 @@ class Checkpointer:
         if self._is_committed(name):  # e.g. saved again right after a resume: never rewrite a good checkpoint
             if self.rank == 0:
                 self.log(f"checkpoint {self.storage.show(name)} is already committed; not saving it again")
+            self.last_commit = state["step"]
             return
         self.storage.makedirs(name)
         part = f"part-{self.rank:05d}.json"
@@ -369,6 +379,12 @@ class Checkpointer:
         for prefix, tensors in (("model", model), ("optimizer", optim), ("ema", ema)):
             if not tensors and prefix == "ema":
                 continue
+            # Every rank checks all of a set (not only its own shards): each rank then stops on its own
+            # finding, and no rank commits what another found poisoned.
+            bad = nonfinite_tensors(tensors)
+            if bad:
+                raise DivergedError(f"checkpoint {self.storage.show(name)} not committed: {len(bad)} {prefix} "
+                                    f"tensor(s) hold NaN or infinity (first: {bad[0]})")
             split = split_torch_state_dict_into_shards(tensors, filename_pattern=prefix + "{suffix}.safetensors",
                                                        max_shard_size=self.max_shard_size)
             for i, (filename, keys) in enumerate(sorted(split.filename_to_tensors.items())):
@@ -400,9 +416,10 @@ class Checkpointer:
             self.lease.check()
         state["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         state["files"] = dict(sorted(files.items()))
-        data = (json.dumps(state, indent=2) + "\n").encode()
+        data = (json.dumps(state, indent=2, allow_nan=False) + "\n").encode()
         attempt.write(STATE, data)
         self.storage.write(f"{name}/{MARKER}", (fmt.sha256(data) + "\n").encode())
+        self.last_commit = state["step"]
         size = sum(f["bytes"] for f in files.values()) / 1e6
         self.log(f"checkpoint {self.storage.show(name)} committed: {len(files)} files, {size:.1f} MB, "
                  f"{time.monotonic() - t0:.1f} s after save()")

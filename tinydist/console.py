@@ -30,9 +30,15 @@ class Console:
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.bar: Optional[tqdm] = None
         self._last_line, self._start_step, self._start_time = 0.0, start, time.monotonic()
-        self._step, self._postfix = start, ""
+        self._step, self._postfix, self._postfix_step, self._shown_step = start, "", start, start
 
-    def start_progress(self) -> None:
+    def start_progress(self, total: Optional[int] = None, start: Optional[int] = None) -> None:
+        """The loop begins: `total` steps in all, from step `start` (a resumed run starts part way)."""
+        if total is not None:
+            self.total = total
+        if start is not None:
+            self._start_step = self._step = self._postfix_step = self._shown_step = start
+            self._start_time = time.monotonic()
         if self.active and self.tty and not os.environ.get("TQDM_DISABLE"):
             self.bar = tqdm(total=self.total, initial=self._step, desc="train", mininterval=1)
         self._last_line = time.monotonic()
@@ -51,6 +57,7 @@ class Console:
         self._step = step
         if values:
             self._postfix = " ".join(f"{k} {v}" for k, v in values.items())
+            self._postfix_step = step
         if not self.active:
             return
         if self.bar is not None:
@@ -65,7 +72,12 @@ class Console:
         done = step - self._start_step
         eta = (now - self._start_time) / done * (self.total - step) if done else 0.0
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        self.say(f"{stamp} step {step}/{self.total} epoch {epoch:.2f} {self._postfix} eta {_eta(eta)}".replace("  ", " "))
+        # Values logged since the last line are news; older ones would read as the loss of this step.
+        fresh = self._postfix if self._postfix_step > self._shown_step else ""
+        if fresh and self._postfix_step != step:
+            fresh += f" (at step {self._postfix_step})"
+        self._shown_step = step
+        self.say(f"{stamp} step {step}/{self.total} epoch {epoch:.2f} {fresh} eta {_eta(eta)}".replace("  ", " "))
 
     def close(self) -> None:
         if self.bar is not None:

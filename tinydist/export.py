@@ -12,14 +12,19 @@ tinydist's sharded safetensors layout (exported models and checkpoints alike).
 Class ids and names are kept apart on purpose: `id2label` values stay machine keys that match the
 dataset's labels (and what `datasets`' ClassLabel calls them); names are for people and may be absent.
 
-The index is written last: a reader that finds it finds every file it names (and the card).
+The index is written last: a reader that finds it finds every file it names (and the card). The run's
+export (`export_if_changed`) is idempotent and never leaves a half folder under the name: on a local
+disk it is written to `model.partial` and swapped in by renames; on an object store (no rename) the
+old index goes first, so a reader finds either no index or a whole export.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import shutil
 import tempfile
 from typing import Any, Optional
 
@@ -148,11 +153,65 @@ def export_config(cfg: Config, classes: list[str], class_names: Optional[dict[st
         "tinydist_version": __version__,
         "train_config": to_dict(cfg),
     }
+    # A metric that came out NaN (a diverged validation) is null, not a failed export of good weights.
+    made["metrics"] = _finite(made["metrics"])
+    for key in ("final", "best"):
+        if isinstance(made.get(key), dict) and isinstance(made[key].get("metrics"), dict):
+            made[key] = {**made[key], "metrics": _finite(made[key]["metrics"])}
     try:  # fail here, with what is wrong, not halfway through writing the folder
         return json.loads(json.dumps(config, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise ValueError(f"export_model: provenance or class names are not JSON ({e}); "
                          "expected numbers, strings, lists and dicts") from None
+
+
+def _finite(metrics: Any) -> Any:
+    if not isinstance(metrics, dict):
+        return metrics
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
+def export_if_changed(model: torch.nn.Module, url: str, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, *,
+                      cfg: Config, classes: list[str], class_names: Optional[dict[str, str]] = None,
+                      provenance: Optional[dict[str, Any]] = None, curves_png: Optional[bytes] = None) -> bool:
+    """The run's export, idempotent: False (nothing written) when `url` already holds a whole export of
+    these exact weights with this config.json; otherwise it is (re)written whole (see the module
+    docstring) and True. A missing or partial folder (no index, a shard missing, no config.json) is
+    written again; so is one whose provenance or weights differ from what would be exported now."""
+    config = export_config(cfg, classes, class_names, provenance)
+    if _current(url, model, config):
+        return False
+    storage = Storage(url)
+    if not storage.local:  # no rename on object stores: drop the index first, write, the index last
+        storage.remove(INDEX)
+        export_model(model, url, max_shard_size, cfg=cfg, classes=classes, class_names=class_names,
+                     provenance=provenance, curves_png=curves_png)
+        keep = set(json.loads(storage.read(INDEX))["weight_map"].values()) | {INDEX, CONFIG, CARD, CURVES}
+        for stale in set(storage.sizes()) - keep:  # shards of an earlier, differently sharded export
+            storage.remove(stale, recursive=True)
+        return True
+    final = storage.path("")
+    partial, old = final + ".partial", final + f".old-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
+    export_model(model, partial, max_shard_size, cfg=cfg, classes=classes, class_names=class_names,
+                 provenance=provenance, curves_png=curves_png)
+    with storage.faults(f"swapping {partial} in as {storage.show()}"):
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _current(url: str, model: torch.nn.Module, config: dict[str, Any]) -> bool:
+    """Whether `url` holds a whole, readable export with exactly `config` and `model`'s weights."""
+    try:
+        tensors, found = load_export(url)
+    except (CheckpointError, FileNotFoundError):
+        return False
+    state = model.state_dict()
+    return found == config and tensors.keys() == state.keys() and all(
+        torch.equal(tensors[k], state[k].detach().cpu()) for k in state)
 
 
 def _fmt(value: Any) -> str:

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,8 +38,9 @@ from tinydist.console import Console
 from tinydist.data import load_split
 from tinydist.ema import ModelEma
 from tinydist.evaluate import evaluate
-from tinydist.exitcodes import EXIT_OK, EXIT_PREEMPTED, TransientError
-from tinydist.export import export_model, exported_weights
+from tinydist.exitcodes import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, TransientError
+from tinydist.divergence import DivergedError, DivergenceGuard, finite_or_none
+from tinydist.export import export_if_changed, exported_weights
 from tinydist.hostmem import keep_freed_memory
 from tinydist.labels import class_names
 from tinydist.launch import EXIT_DIR_ENV
@@ -146,6 +147,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             checkpointer.cleanup(everything_uncommitted=True)
         accelerator.wait_for_everyone()
         step, meta = 0, {}
+        guard = DivergenceGuard(step)
         resumed = load_resume_point(cfg, checkpointer, bare_model, optimizer.optimizer, ema and ema.module)
         if resumed is not None:
             path, meta = resumed
@@ -163,6 +165,15 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 f"{meta.get('device')})")
             if changes:
                 say(f"config changed since that checkpoint, in effect from step {step}: " + "; ".join(changes))
+            checkpointer.last_commit = guard.checked_step = step  # every commit was checked finite
+        # The last step's metrics: what the export records when there is no step left to run.
+        metrics: dict[str, float] = meta.get("metrics") or {}
+        if step >= last_step:  # a rerun of a finished run, or of one whose export was cut short
+            say(f"the run is finished (step {step} of {last_step}); completing the export only")
+            exit_code = finish(cfg, checkpointer, bare_model, ema, step, metrics, train_data.classes,
+                               accelerator.is_main_process, say)
+            accelerator.wait_for_everyone()
+            return exit_code
         clock = SaveClock(cfg.checkpoint.every_minutes, cfg.checkpoint.mtbf_minutes, say)
         clock.start(checkpointer.estimate_blocked_s(bare_model, optimizer.optimizer) if clock.auto else 0.0)
         runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), step if resumed else None, len(train_data))
@@ -187,7 +198,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             checkpointer.save(step, bare_model, optimizer.optimizer, {
                 "epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
                 "global_batch_size": cfg.train.global_batch_size, "device": device.type,
-                "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id, "metrics": metrics,
+                "config": config_lib.to_dict(cfg), "wandb_run_id": runlog.run_id, "metrics": finite_or_none(metrics),
             }, blocking=blocking, ema=ema and ema.module)
             clock.saved(time.perf_counter() - started)
 
@@ -216,8 +227,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         # The loop: one optimizer step per iteration, `accumulation` micro-batches each; gradients are
         # all-reduced once, on the last micro-batch (no_sync on the others).
         model.train()
-        console.total, console._start_step, console._step = last_step, step, step
-        console.start_progress()  # a live bar in a terminal, a timestamped line per 30 s in a log file
+        console.start_progress(total=last_step, start=step)  # a live bar in a terminal, a line per 30 s in a log
         loss_sum = torch.zeros((), device=device)
         window_start, window_steps, exit_code = time.perf_counter(), 0, EXIT_OK
         mixing = mix_enabled(cfg.mix)
@@ -256,12 +266,16 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             step += 1
             window_steps += 1
 
-            stopping, storage_down, clock_due = stop.agreed(peers, checkpointer.fault is not None, clock.due())
-            if storage_down:  # saves have failed for checkpoint.max_outage_s: stop, relaunch later
-                raise checkpointer.fault or TransientError("a peer's checkpoint storage has been failing too long")
+            stopping, faulted, clock_due = stop.agreed(peers, checkpointer.fault is not None, clock.due())
+            if faulted:  # saves failed for checkpoint.max_outage_s (relaunch later), or found NaN weights
+                fault = checkpointer.fault
+                if isinstance(fault, DivergedError):
+                    raise guard.error(str(fault), step, checkpointer.last_commit)
+                raise fault or TransientError("a peer's checkpoint storage has been failing too long")
             shown: dict[str, str] = {}
             if triggers.should_log(step, stopping):
                 loss_mean = accelerator.reduce(loss_sum, "mean").item() / (window_steps * accumulation)
+                guard.check_loss(loss_mean, step, checkpointer.last_commit)  # read here anyway: no extra sync
                 rate = window_steps * cfg.train.global_batch_size / (time.perf_counter() - window_start)
                 runlog.log({"train/loss": loss_mean, "train/lr": lr, "train/images_per_s": rate}, step)
                 shown = {"loss": f"{loss_mean:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
@@ -286,21 +300,16 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         console.close()
         prefetch.close()
 
-        checkpointer.wait()
-        if exit_code == EXIT_OK and accelerator.is_main_process:
-            module, provenance = exported_weights(cfg, checkpointer, bare_model, ema, step, metrics)
-            model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
-            names, curves = class_names(cfg.data, train_data.classes), curves_png(cfg.train.output_dir)
-            retry_storage(lambda: export_model(module, model_url, cfg.checkpoint.max_shard_size, cfg=cfg,
-                                               classes=train_data.classes, class_names=names,
-                                               provenance=provenance, curves_png=curves),
-                          f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
-                          retry_s=cfg.checkpoint.retry_s, log=say)
-            say(f"done: step {step}; model in {model_url} ({provenance['weights']} weights of the "
-                f"{provenance['selected']} checkpoint, step {provenance['step']})")
-        accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
-        runlog.finish(preempted=exit_code == EXIT_PREEMPTED)
+        try:
+            checkpointer.wait()
+        except DivergedError as e:  # the last save found what the last log step could not yet see
+            raise guard.error(str(e), step, checkpointer.last_commit) from None
+        runlog.finish(preempted=exit_code == EXIT_PREEMPTED)  # the curves are whole before the export draws them
         runlog = None
+        if exit_code == EXIT_OK:
+            exit_code = finish(cfg, checkpointer, bare_model, ema, step, metrics, train_data.classes,
+                               accelerator.is_main_process, say)
+        accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
         return exit_code
     finally:  # whatever escapes: handlers back, the save finished or abandoned, trackers and lease closed
         stop_watching()
@@ -319,6 +328,25 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 say(f"could not close the trackers cleanly: {type(e).__name__}: {e}")
         if lease is not None:
             lease.release()
+
+
+def finish(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema: Optional[ModelEma], step: int,
+           metrics: dict[str, float], classes: list[str], main_process: bool, say: Callable[[str], None]) -> int:
+    """The run's last phase, idempotent: export the model (main process) unless the export in place is
+    already exactly this one. Rerun on a finished run, it completes a missing or partial export."""
+    if main_process:
+        module, provenance = exported_weights(cfg, checkpointer, model, ema, step, metrics)
+        model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
+        names, curves = class_names(cfg.data, classes), curves_png(cfg.train.output_dir)
+        wrote = retry_storage(lambda: export_if_changed(module, model_url, cfg.checkpoint.max_shard_size, cfg=cfg,
+                                                        classes=classes, class_names=names, provenance=provenance,
+                                                        curves_png=curves),
+                              f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
+                              retry_s=cfg.checkpoint.retry_s, log=say)
+        say(f"done: step {step}; model in {model_url} ({provenance['weights']} weights of the "
+            f"{provenance['selected']} checkpoint, step {provenance['step']})"
+            + ("" if wrote else "; it was already complete and current, left as it was"))
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
