@@ -346,8 +346,7 @@ class Checkpointer:
                 delay = min(delay * 2, self.max_retry_s)
             except DivergedError as e:
                 attempt.undo()
-                inflight.error = self.last_error = self.fault = e  # the loop stops at its next step boundary
-                self.log(f"error: {e}")
+                inflight.error = self.last_error = self.fault = e  # the loop stops (and says so) at its next boundary
                 return
             except BaseException as e:  # noqa: BLE001 - CheckpointError, a lost lease, a bug: re-raised by wait()
                 attempt.undo()
@@ -383,8 +382,9 @@ class Checkpointer:
             # finding, and no rank commits what another found poisoned.
             bad = nonfinite_tensors(tensors)
             if bad:
-                raise DivergedError(f"checkpoint {self.storage.show(name)} not committed: {len(bad)} {prefix} "
-                                    f"tensor(s) hold NaN or infinity (first: {bad[0]})")
+                raise DivergedError(f"{len(bad)} {prefix} tensor(s) hold NaN or infinity at step {state['step']} "
+                                    f"(first: {bad[0]}); checkpoint {self.storage.show(name)} not committed",
+                                    state["step"])
             split = split_torch_state_dict_into_shards(tensors, filename_pattern=prefix + "{suffix}.safetensors",
                                                        max_shard_size=self.max_shard_size)
             for i, (filename, keys) in enumerate(sorted(split.filename_to_tensors.items())):

@@ -23,7 +23,11 @@ from tinydist.exitcodes import PermanentError
 
 
 class DivergedError(PermanentError):
-    """Training produced a non-finite loss or tensor. One line; exit 2."""
+    """Training produced a non-finite loss or tensor (at `step`, when known). One line; exit 2."""
+
+    def __init__(self, message: str, step: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -40,17 +44,20 @@ class DivergenceGuard:
     """Where the loop last saw finite values, to say where a divergence began."""
 
     def __init__(self, step: int) -> None:
-        self.checked_step = step  # the last step at which the loss (or the weights) were seen finite
+        self.checked_step = step  # the last step whose weights were seen finite (or gave a finite loss)
 
     def check_loss(self, loss: float, step: int, last_commit: Optional[int]) -> None:
+        """`loss`: the mean over the steps since the last log step, read at step `step` (after the
+        optimizer step): a finite one vouches for the weights up to step - 1, which produced it."""
         if math.isfinite(loss):
-            self.checked_step = step
+            self.checked_step = max(self.checked_step, step - 1)
             return
         raise self.error(f"loss is {loss} at step {step}", step, last_commit)
 
     def error(self, what: str, step: int, last_commit: Optional[int]) -> DivergedError:
-        since = f"first seen between steps {self.checked_step} and {step}" if self.checked_step < step \
-            else f"at step {step}"
-        kept = f"last finite checkpoint step {last_commit}" if last_commit is not None else "no checkpoint committed"
-        return DivergedError(f"{what} ({since}); {kept}, nothing non-finite was committed; lower optim.lr, add "
-                             "warmup (optim.warmup_epochs) or check the data, then relaunch")
+        finite = max(self.checked_step, -1 if last_commit is None else last_commit)  # commits were checked
+        since = f"first seen between steps {finite} and {step}" if finite < step - 1 else f"first seen at step {step}"
+        kept = f"the last checkpoint, step {last_commit}, is finite and kept" if last_commit is not None \
+            else "no checkpoint was committed"
+        return DivergedError(f"{what} ({since}); {kept}; lower optim.lr, add warmup (optim.warmup_epochs) or "
+                             "check the data, then relaunch", step)

@@ -270,7 +270,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             if faulted:  # saves failed for checkpoint.max_outage_s (relaunch later), or found NaN weights
                 fault = checkpointer.fault
                 if isinstance(fault, DivergedError):
-                    raise guard.error(str(fault), step, checkpointer.last_commit)
+                    raise guard.error(str(fault), fault.step or step, checkpointer.last_commit)
                 raise fault or TransientError("a peer's checkpoint storage has been failing too long")
             shown: dict[str, str] = {}
             if triggers.should_log(step, stopping):
@@ -303,7 +303,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         try:
             checkpointer.wait()
         except DivergedError as e:  # the last save found what the last log step could not yet see
-            raise guard.error(str(e), step, checkpointer.last_commit) from None
+            raise guard.error(str(e), e.step or step, checkpointer.last_commit) from None
         runlog.finish(preempted=exit_code == EXIT_PREEMPTED)  # the curves are whole before the export draws them
         runlog = None
         if exit_code == EXIT_OK:
