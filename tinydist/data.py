@@ -11,7 +11,10 @@ view: the formatted `ds[indices]` path returns int64 copies at ~10k images/s, th
 
 Labels are always the index of the class name (WordNet id) in sorted order, whatever the source.
 An image that cannot be decoded fails the cache build with its index and source: skipping it would
-silently shrink the dataset and shift what "epoch" means between machines.
+silently shrink the dataset and shift what "epoch" means between machines. 16-bit images keep their
+top 8 bits (Pillow's own conversion would clip them white). What decodes but looks unintended (images
+under SMALL_SIDE px, classes with no image in a whole split) is one warning line per build; a
+tiny-imagenet-200 class folder with no training image is an error.
 
     python -m tinydist.data --config configs/smoke.yaml [--data.source=PATH] [--json]
 """
@@ -567,8 +570,8 @@ def _decode_batch(batch: dict[str, list], indices: list[int], side: int, remap: 
                 pixels[row] = np.asarray(rgb, np.uint8).reshape(-1)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             where = image.get("path") or "embedded bytes"
-            raise DataError(f"{origin}: image #{_source_row(index, rows)} ({where}) cannot be decoded: {_first_line(e)}; "
-                            "fix or remove it from the source") from None
+            raise DataError(f"{origin}: image #{_source_row(index, rows)} ({where}) cannot be decoded: "
+                            f"{_first_line(e)}; fix or remove it from the source") from None
     labels = remap[np.asarray(batch["label"], np.int64)]
     return {"pixels": pixels, "label": labels, "gray": gray, "shorter_side": sides}
 
