@@ -196,3 +196,29 @@ def build_save_to_disk(root: str, class_names: Sequence[str] = tuple(CLASSES), v
 
     datasets.DatasetDict({split: _dataset(split, class_names, variant) for split in SPLITS}).save_to_disk(root)
     return root
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """`pixels` as a PNG: uint8 (H, W) or (H, W, 3) as 8-bit, uint16 (H, W) as 16-bit grayscale."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def build_class_folders(root: str, images: dict[str, list[bytes]], suffix: str = ".png") -> str:
+    """A tiny-imagenet-200 folder under `root` with a train split only: class `wnid`'s images are
+    `images[wnid]` (in order, named {wnid}_{k}{suffix}); an empty list leaves an empty images folder.
+    Returns `root`/tiny-imagenet-200."""
+    base = os.path.join(root, "tiny-imagenet-200")
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, "wnids.txt"), "w") as f:
+        f.write("".join(f"{w}\n" for w in images))
+    for wnid, encoded in images.items():
+        folder = os.path.join(base, "train", wnid, "images")
+        os.makedirs(folder, exist_ok=True)
+        for k, image in enumerate(encoded):
+            with open(os.path.join(folder, f"{wnid}_{k}{suffix}"), "wb") as f:
+                f.write(image)
+    return base

@@ -243,6 +243,138 @@ def test_max_samples_is_a_fixed_subset_of_several_classes(sources, tmp_path):
     assert load_split(DataConfig(source=path, cache_dir=str(tmp_path / "a")), "train", max_samples=1000, log=quiet).meta["rows"] == 40
 
 
+# ---- 16-bit images, small images, empty classes ---------------------------------------------------------
+
+
+class Log(list):
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+    def warnings(self) -> list[str]:
+        return [m for m in self if m.startswith("warning:")]
+
+
+def gradient16() -> np.ndarray:
+    """A 64x64 16-bit gradient over the whole range: 0 at the top left, 0xFFFF at the bottom right."""
+    x, y = np.meshgrid(np.arange(64), np.arange(64))
+    return (x * 1024 + y * 16 + y // 4).astype(np.uint16)
+
+
+def test_a_16_bit_png_decodes_to_its_top_8_bits(tmp_path):
+    from PIL import Image
+
+    values = gradient16()
+    png = fx.encode_png(values)
+    with Image.open(io.BytesIO(png)) as im:  # the fixture is the kind that convert("RGB") clips
+        assert im.mode == "I;16"
+        assert (np.asarray(im.convert("RGB")) == 255).mean() > 0.99
+    dark = fx.encode_png(np.full((64, 64), 0x00FF, np.uint16))  # every value below 256: black, not full grey
+    root = fx.build_class_folders(str(tmp_path / "src"), {fx.CLASSES[0]: [png], fx.CLASSES[1]: [dark]})
+    cache = load_split(DataConfig(source=root, cache_dir=str(tmp_path / "cache")), "train", log=quiet)
+    pixels = cache.gather(np.arange(2))
+    assert pixels.shape == (2, 64, 64, 3)
+    assert np.array_equal(pixels[0], np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    assert pixels[0, 0, 0].tolist() == [0, 0, 0]  # value 0
+    assert pixels[0, 0, 63].tolist() == [252, 252, 252]  # 63 * 1024 = 0xFC00
+    assert pixels[0, 63, 0].tolist() == [3, 3, 3]  # 63 * 16 + 15 = 0x03FF
+    assert pixels[0, 63, 63].tolist() == [255, 255, 255]  # 0xFFFF
+    assert pixels[0, 32, 10].tolist() == [42, 42, 42]  # 10 * 1024 + 32 * 16 + 8 = 0x2A08
+    assert not pixels[1].any()
+    assert cache.meta["grayscale"] == 2
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_every_16_bit_mode_keeps_the_top_8_bits(mode):
+    from PIL import Image
+
+    values = np.array([[0, 0x00FF, 0x0100, 0x1234], [0x7FFF, 0x8000, 0xABCD, 0xFFFF]], np.uint16)
+    if mode == "I":
+        im = Image.fromarray(values.astype(np.int32))
+    else:
+        im = Image.frombytes(mode, (4, 2), values.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    assert im.mode == mode
+    rgb = data.to_rgb8(im)
+    assert rgb.mode == "RGB"
+    assert np.asarray(rgb)[..., 0].tolist() == [[0, 0, 1, 0x12], [0x7F, 0x80, 0xAB, 0xFF]]
+
+
+def test_integer_pixels_beyond_16_bits_are_refused_not_guessed(tmp_path):
+    from PIL import Image
+
+    im = Image.fromarray(np.array([[0, 70000]], np.int32))
+    with pytest.raises(ValueError, match=r"I pixels span 0\.\.70000, beyond 16 bits"):
+        data.to_rgb8(im)
+    with pytest.raises(ValueError, match=r"span -5\.\.3"):
+        data.to_rgb8(Image.fromarray(np.array([[-5, 3]], np.int32)))
+
+
+def test_small_images_are_counted_in_one_warning_per_build(tmp_path):
+    normal = [s.jpeg for s in fx.samples("train")[:3]]
+    tiny = fx.encode_png(np.full((1, 1, 3), 200, np.uint8))
+    thin = fx.encode_png(np.full((64, 7, 3), 90, np.uint8))  # 7 px wide: under the 8 px limit
+    edge = fx.encode_png(np.full((8, 8, 3), 30, np.uint8))  # 8 px: small, but not suspicious
+    root = fx.build_class_folders(str(tmp_path / "src"), {fx.CLASSES[0]: normal + [edge], fx.CLASSES[1]: [thin, tiny]})
+    cfg = DataConfig(source=root, cache_dir=str(tmp_path / "cache"))
+    log = Log()
+    cache = load_split(cfg, "train", log=log)
+    (line,) = log.warnings()
+    example = os.path.join(root, "train", fx.CLASSES[1], "images", f"{fx.CLASSES[1]}_0.png")
+    assert line == (f"warning: 2 of 6 images of {root} [train] have a side under 8 px, e.g. image #4 ({example}, "
+                    "shorter side 7 px); they are upscaled to 64x64 like the rest: check the source")
+    assert cache.meta["small_images"] == 2 and len(cache) == 6
+    assert cache.gather(np.array([5]))[0].tolist() == np.full((64, 64, 3), 200).tolist()  # still decoded
+    log.clear()
+    load_split(cfg, "train", log=log)  # the cache is reused: said once, at its build
+    assert not log
+
+
+def test_small_image_in_a_subset_is_named_by_its_row_in_the_source(tmp_path):
+    images = [fx.encode_png(np.full((64, 64, 3), k, np.uint8)) for k in range(10)]
+    images[7] = fx.encode_png(np.full((2, 2, 3), 7, np.uint8))
+    root = fx.build_class_folders(str(tmp_path / "src"), {fx.CLASSES[0]: images})
+    subset = data._subset(10, 9)
+    assert 7 in subset and list(subset).index(7) != 7  # row 7 of the source is another row of the subset
+    log = Log()
+    load_split(DataConfig(source=root, cache_dir=str(tmp_path / "cache")), "train", max_samples=9, log=log)
+    (line,) = log.warnings()
+    assert line.startswith(f"warning: 1 of 9 images of {root} [train] have a side under 8 px, e.g. image #7 (")
+    assert f"{fx.CLASSES[0]}_7.png, shorter side 2 px)" in line
+
+
+def test_an_empty_class_folder_is_a_data_error_naming_the_class_and_the_folder(tmp_path):
+    root = fx.build_class_folders(str(tmp_path / "src"), {fx.CLASSES[0]: [s.jpeg for s in fx.samples("train")[:2]],
+                                                          fx.CLASSES[1]: []})
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(source=root, cache_dir=str(tmp_path / "cache")), "train", log=quiet)
+    message = one_line(e)
+    folder = os.path.join(root, "train", fx.CLASSES[1], "images")
+    assert f"class {fx.CLASSES[1]} has no training images in {folder}" in message
+    assert f"remove {fx.CLASSES[1]} from wnids.txt" in message
+    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # nothing built
+
+
+def test_a_declared_class_without_images_is_one_warning_per_split(tmp_path):
+    extra = "n09999999"  # a ClassLabel name no row uses
+    path = fx.build_save_to_disk(str(tmp_path / "src"), class_names=fx.WNIDS + [extra])
+    cfg = DataConfig(source=path, cache_dir=str(tmp_path / "cache"))
+    for split in ("train", "valid"):
+        log = Log()
+        cache = load_split(cfg, split, log=log)
+        assert log.warnings() == [f"warning: 1 of 6 classes have no images in {path} [{cache.meta['split']}], "
+                                  f"e.g. `{extra}`; nothing teaches (train) or tests (valid) them"]
+        assert cache.meta["empty_classes"] == [extra] and cache.classes[-1] == extra
+    log = Log()
+    subset = load_split(cfg, "train", max_samples=20, log=log)  # a subset may miss a class by chance: not said
+    assert not log.warnings() and subset.meta["empty_classes"] == []
+
+
+def test_fixture_sources_build_without_warnings(tmp_path):
+    log = Log()
+    load_split(DataConfig(source=fx.build_hub_parquet(str(tmp_path / "src")), cache_dir=str(tmp_path / "c")),
+               "train", log=log)
+    assert log and not log.warnings()
+
+
 # ---- one-line errors --------------------------------------------------------------------------------------
 
 
@@ -345,6 +477,7 @@ def test_cli_json(sources, tmp_path):
     assert info["kind"] == "parquet folder"
     assert info["grayscale"]["valid"] == fx.num_grayscale("valid")
     assert 0 < info["grayscale"]["train"] <= fx.num_grayscale("train")
+    assert info["small_images"] == {"train": 0, "valid": 0}
     assert all(str(tmp_path) in folder and os.path.isfile(os.path.join(folder, "cache.json"))
                for folder in info["cache"].values())
 
@@ -356,3 +489,45 @@ def test_cli_error_is_one_line(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: data.source")
+
+
+def cache_folders(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()} if root.exists() else set()
+
+
+def test_cli_builds_exactly_the_caches_train_reads(tmp_path, capsys):
+    cache_root = tmp_path / "cache"
+    code = data.main(["--config", str(REPO / "configs" / "smoke.yaml"), f"--data.cache_dir={cache_root}", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    info = json.loads(out)
+    built = cache_folders(cache_root)
+    assert len(built) == 2 and {os.path.basename(f) for f in info["cache"].values()} == built
+    assert "-x2-" in os.path.basename(info["cache"]["train"])  # data.train_detail: 2, as train reads it
+
+    from tinydist.config import load_config
+
+    cfg = load_config(["--config", str(REPO / "configs" / "smoke.yaml"), f"--data.cache_dir={cache_root}"])
+    # the calls train.py makes today, argument for argument ...
+    log = Log()
+    train = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, log=log, detail=cfg.data.train_detail)
+    val = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples, log=log)
+    # ... and the function it is to call instead
+    same = data.load_train_val(cfg.data, log=log)
+    assert not log  # nothing decoded: every cache was there
+    assert cache_folders(cache_root) == built
+    assert [c.folder for c in same] == [train.folder, val.folder] == [info["cache"]["train"], info["cache"]["valid"]]
+
+
+def test_cli_errors_go_through_cli_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert data.main(["--data.source=./data/no-such-folder", f"--data.cache_dir={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: data.source `./data/no-such-folder`: no such folder (relative to {tmp_path}): "
+                                 f"{tmp_path / 'data' / 'no-such-folder'}\n")
+    assert data.main(["--data.image_size=0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and "image_size" in err
+    assert data.main(["--help", "--data.image_size=0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: python -m tinydist.data --config FILE") and err == ""

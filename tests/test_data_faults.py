@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tinydist import data, datacache
+from tinydist import cli, data, datacache
 from tinydist.config import ConfigError, DataConfig
 from tinydist.data import DataError, load_split, open_source
-from tinydist.exitcodes import EXIT_TRANSIENT, TransientError
+from tinydist.exitcodes import EXIT_CONFIG, EXIT_TRANSIENT, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN = 1498
@@ -522,6 +522,8 @@ def test_hub_errors_are_sorted_into_transient_and_data(monkeypatch, case):
         open_source("a/b", "train")
     assert "\n" not in str(e.value) and "`a/b`" in str(e.value)
     assert isinstance(e.value, ConfigError) == (expected is DataError)
+    # whatever the hub said, `a/b` may have been meant as a path: the same line says there is no such folder
+    assert f"and no local folder {os.path.abspath('a/b')} exists; if you meant a local folder" in str(e.value)
 
 
 def test_a_bug_under_load_dataset_is_not_called_a_data_or_network_problem(monkeypatch):
@@ -548,4 +550,41 @@ def test_cli_exits_transient_when_the_hub_is_unreachable(tmp_path):
                           f"--data.cache_dir={tmp_path}", "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == EXIT_TRANSIENT and run.stdout == ""
-    assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: cannot reach the Hugging Face hub")
+    error, note = run.stderr.splitlines()  # cli.run: the one error line, then what 69 means
+    assert error.startswith("error: cannot reach the Hugging Face hub") and note.startswith("exit 69 (transient)")
+
+
+# ---- a source that looks like a path but is no folder --------------------------------------------------
+
+
+def test_owner_name_that_is_no_folder_offline_is_transient_and_says_no_such_folder(tmp_path, monkeypatch):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransientError) as e:  # data/no-such-folder could be a hub id: the hub is asked
+        open_source("data/no-such-folder", "train")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("cannot reach the Hugging Face hub for `data/no-such-folder` (")
+    assert f"), and no local folder {tmp_path / 'data' / 'no-such-folder'} exists; if you meant a local folder, " \
+           "correct the path; for the hub dataset, download it" in message
+    assert cli.exit_code_for(e.value) == EXIT_TRANSIENT
+
+
+@pytest.mark.parametrize("source", ["./data/no-such-folder", "../data/no-such-folder"])
+def test_a_relative_path_that_is_no_folder_names_where_it_looked(tmp_path, monkeypatch, source):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    looked = os.path.normpath(tmp_path / "work" / source)
+    with pytest.raises(DataError) as e:  # plainly a path: never the hub
+        open_source(source, "train")
+    assert str(e.value) == f"data.source `{source}`: no such folder (relative to {tmp_path / 'work'}): {looked}"
+    assert cli.exit_code_for(e.value) == EXIT_CONFIG
+
+
+def test_cli_owner_name_that_is_no_folder_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert data.main(["--data.source=data/no-such-folder", f"--data.cache_dir={tmp_path}"]) == EXIT_TRANSIENT
+    out, err = capsys.readouterr()
+    error, note = err.splitlines()
+    assert out == "" and error.startswith("error: cannot reach the Hugging Face hub for `data/no-such-folder`")
+    assert f"no local folder {tmp_path / 'data' / 'no-such-folder'} exists" in error
+    assert note.startswith("exit 69 (transient)")

@@ -103,10 +103,15 @@ def test_folder_without_images_and_export_without_config(rigged, tmp_path, capsy
 
 
 def test_help(capsys):
-    with pytest.raises(SystemExit) as e:
-        predict.main(["--help"])
-    assert e.value.code == 0
-    assert "--model DIR" in capsys.readouterr().out
+    assert predict.main(["--help"]) == 0  # argparse's exit, returned by cli.run: a console script's code
+    out, err = capsys.readouterr()
+    assert "--model DIR" in out and err == ""
+
+
+def test_usage_error_is_2_and_says_what_is_missing(capsys):
+    assert predict.main(["cat.jpg"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "the following arguments are required: --model" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

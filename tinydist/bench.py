@@ -373,9 +373,14 @@ FIGURES: dict[str, Callable[[str, bool, torch.device], None]] = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from tinydist import cli
+
+    return cli.run(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["quality"]:  # accuracy, not speed: its own flags and config overrides
-        from tinydist.bench_quality import main as quality
+        from tinydist.bench_quality import quality
 
         return quality(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tinydist.bench", description=__doc__.split("\n\n")[0])

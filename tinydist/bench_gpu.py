@@ -582,6 +582,12 @@ def bench_gpu(tmp: str, quick: bool, device: torch.device, _force_device: Option
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tinydist import cli
+
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tinydist.bench_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps: checks the figures run")
     parser.add_argument("--force-cpu-smoke", action="store_true", help=argparse.SUPPRESS)

@@ -210,6 +210,13 @@ def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tinydist import cli
+
+    return cli.run(lambda: quality(argv))
+
+
+def quality(argv: Optional[Sequence[str]]) -> int:
+    """The command (`python -m tinydist.bench quality ...`); raises what went wrong, for cli.run."""
     parser = argparse.ArgumentParser(prog="python -m tinydist.bench quality", description=__doc__.split("\n\n")[0],
                                      epilog="Any other argument is a config override, as for training "
                                             "(default recipe: configs/smoke.yaml).")
@@ -228,12 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(make_photo_source(opts.make_photos, opts.photos_from, *opts.photo_counts))
         return 0
     recipe = [] if any(a == "--config" or a.startswith("--config=") for a in overrides) else ["--config", SMOKE_RECIPE]
-    try:
-        cfg = config_lib.load_config(recipe + [f"--train.epochs={opts.epochs}", "--log.report_to=[]"] + overrides,
-                                     prog="python -m tinydist.bench quality")
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_lib.load_config(recipe + [f"--train.epochs={opts.epochs}", "--log.report_to=[]"] + overrides,
+                                 prog="python -m tinydist.bench quality")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"quality: {cfg.data.source} at {cfg.data.image_size}px, {cfg.model.stem} stem, {cfg.train.epochs:g} epochs, "

@@ -552,18 +552,13 @@ def checkpoint_dir(cfg: Config) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the resolved config: python -m tinydist.config --config X --a.b=v"""
-    from tinydist import config  # the imported module, not __main__: its ConfigError is the one raised
+    from tinydist import cli
 
-    try:
-        print(config.to_yaml(config.load_config(sys.argv[1:] if argv is None else argv,
-                                                prog="python -m tinydist.config")), end="")
-    except config.HelpRequested as e:  # --help / -h: every key, on stdout, exit 0
-        print(e.text, end="")
+    def show() -> int:
+        print(to_yaml(load_config(sys.argv[1:] if argv is None else argv, prog="python -m tinydist.config")), end="")
         return 0
-    except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run(show)
 
 
 if __name__ == "__main__":

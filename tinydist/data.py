@@ -11,7 +11,10 @@ view: the formatted `ds[indices]` path returns int64 copies at ~10k images/s, th
 
 Labels are always the index of the class name (WordNet id) in sorted order, whatever the source.
 An image that cannot be decoded fails the cache build with its index and source: skipping it would
-silently shrink the dataset and shift what "epoch" means between machines.
+silently shrink the dataset and shift what "epoch" means between machines. 16-bit images keep their
+top 8 bits (Pillow's own conversion would clip them white). What decodes but looks unintended (images
+under SMALL_SIDE px, classes with no image in a whole split) is one warning line per build; a
+tiny-imagenet-200 class folder with no training image is an error.
 
     python -m tinydist.data --config configs/smoke.yaml [--data.source=PATH] [--json]
 """
@@ -32,12 +35,17 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
-from tinydist import datacache
+from tinydist import cli, datacache
 from tinydist.config import ConfigError, DataConfig
 from tinydist.datacache import CacheMismatch
-from tinydist.exitcodes import EXIT_CONFIG, EXIT_TRANSIENT, TransientError
+from tinydist.exitcodes import TransientError
 
-CACHE_FORMAT = 1  # bump when the decoded layout changes, so old caches are rebuilt
+# Bump when the decoded layout or content changes, so old caches are rebuilt. 2: 16-bit images scaled
+# to 8 bits (format 1 clipped them to white), and each row's shorter source side recorded (`shorter_side`).
+CACHE_FORMAT = 2
+# An image whose shorter side is below this is reported once per build: at this size it is an icon, a
+# placeholder or a failed download, not a photo, and upscaling it to data.image_size only hides that.
+SMALL_SIDE = 8
 SPLIT_ALIASES = (("valid", "validation", "val"), ("train",), ("test",))
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -109,12 +117,16 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, FileNotFoundError) as e:
             raise DataError(f"data.source `{source}`: no dataset found in this folder ({_first_line(e)}); "
                             "expected the hub parquet layout, a save_to_disk folder or tiny-imagenet-200") from None
+    # owner/name is also how a relative path looks (data/tiny-imagenet): whatever the hub answers,
+    # the same line says that no such folder exists here, so whoever meant a path sees it at once.
+    local = f"and no local folder {os.path.abspath(path)} exists"
+    hint = ("if you meant a local folder, correct the path; for the hub dataset, download it where the hub is "
+            "reachable (datasets' save_to_disk, the parquet files, or tiny-imagenet-200.zip unpacked) and set "
+            "data.source to that folder")
     unreachable = _hub_unreachable_now()
     if unreachable:
-        raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({unreachable}); download it where "
-                             "the hub is reachable (datasets' save_to_disk, the parquet files, or tiny-imagenet-200.zip "
-                             "unpacked) and set data.source to that folder, or try offline with --config "
-                             "configs/smoke.yaml")
+        raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({unreachable}), {local}; {hint}, "
+                             "or try offline with --config configs/smoke.yaml")
     try:
         return "hub", dict(datasets.load_dataset(source))
     except Exception as e:  # sorted below; what is neither a network nor a data problem (a bug) is re-raised
@@ -122,14 +134,13 @@ def _open_all(source: str) -> tuple[str, dict[str, Any]]:
         # 5xx, HF_HUB_OFFLINE=1 with nothing cached) may work on a relaunch: 69. The hub answering
         # "no" (no such repository, gated, not a dataset, no data files) never will: 2. Offline,
         # a repository that does not exist cannot be told from one that does: that is transient too.
-        hint = ("download it where the hub is reachable (datasets' save_to_disk, the parquet files, or "
-                "tiny-imagenet-200.zip unpacked) and set data.source to that folder")
         if _hub_unreachable(e):
             raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({type(e).__name__}: "
-                                 f"{_first_line(e)}); {hint}, or try offline with --config configs/smoke.yaml") from None
+                                 f"{_first_line(e)}), {local}; {hint}, or try offline with --config "
+                                 "configs/smoke.yaml") from None
         if isinstance(e, (OSError, ValueError, RuntimeError)):
             raise DataError(f"cannot load `{source}` from the Hugging Face hub ({type(e).__name__}: "
-                            f"{_first_line(e)}); {hint}") from None
+                            f"{_first_line(e)}), {local}; {hint}") from None
         raise
 
 
@@ -152,7 +163,8 @@ def _check_hub_id(source: str, path: str) -> None:
         raise DataError(f"{missing}; expected a local dataset folder, a hub id (owner/name) like "
                         "zh-plus/tiny-imagenet, or `digits`")
     if source.startswith((".", "~") + seps):  # plainly a path
-        raise DataError(missing)
+        # `..` and `./` are resolved by the working directory alone: show where that led
+        raise DataError(missing if os.path.isabs(path) else f"{missing}: {os.path.abspath(path)}")
     bare = source.rstrip("".join(seps))
     if bare != source and HUB_ID.match(bare):
         raise DataError(f"{missing}; a trailing `/` makes it a path: for the Hugging Face hub dataset, write `{bare}`")
@@ -243,9 +255,15 @@ def tiny_imagenet_folder(root: str) -> dict[str, Any]:
         folder = os.path.join(root, "train", wnid, "images")
         if not os.path.isdir(folder):
             raise DataError(f"tiny-imagenet-200 folder `{root}`: missing {folder}; expected one folder per id in wnids.txt")
-        for name in sorted(os.listdir(folder)):
-            train_files.append(os.path.join(folder, name))
-            train_labels.append(index[wnid])
+        names = sorted(os.listdir(folder))
+        if not names:
+            # An error, not a warning: wnids.txt makes it a class (the model gets an output for it, its
+            # validation images are scored), so an empty folder is a copy or unpack cut short, and a
+            # model trained without it would be silently worse on it. No relaunch fixes that.
+            raise DataError(f"tiny-imagenet-200 folder `{root}`: class {wnid} has no training images in {folder}; "
+                            f"expected its images there (copy them again), or remove {wnid} from wnids.txt")
+        train_files += [os.path.join(folder, name) for name in names]
+        train_labels += [index[wnid]] * len(names)
     splits["train"] = _files_dataset(root, train_files, train_labels, features)
     annotations = os.path.join(root, "val", "val_annotations.txt")
     if os.path.isfile(annotations):
@@ -378,6 +396,18 @@ def load_split(cfg: DataConfig, split: str, max_samples: Optional[int] = None,
                         "it; is data.cache_dir shared with a job that rewrites it?") from None
 
 
+def load_train_val(cfg: DataConfig, main_process_first: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                   log: Callable[[str], None] = print,
+                   local_main: Optional[bool] = None) -> tuple[ImageCache, ImageCache]:
+    """(train, validation) caches, opened or built as training reads them: the one place that says
+    which split, subset and detail each uses, so `python -m tinydist.data` prepares exactly the
+    caches `train` will open rather than ones it never reads. Arguments as `load_split`'s."""
+    train = load_split(cfg, cfg.train_split, cfg.max_train_samples, main_process_first, log=log,
+                       local_main=local_main, detail=cfg.train_detail)
+    val = load_split(cfg, cfg.val_split, cfg.max_val_samples, main_process_first, log=log, local_main=local_main)
+    return train, val
+
+
 def _open_or_build(src: Source, cfg: DataConfig, folder: str, max_samples: Optional[int],
                    log: Callable[[str], None], detail: int = 1) -> ImageCache:
     if os.path.lexists(folder):
@@ -450,7 +480,8 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
     if detail > 1:
         side = max(side, min(detail * cfg.image_size, source_side(ds)))
     features = datasets.Features({"pixels": datasets.List(datasets.Value("uint8"), length=side * side * 3),
-                                  "label": datasets.Value("int64"), "gray": datasets.Value("bool")})
+                                  "label": datasets.Value("int64"), "gray": datasets.Value("bool"),
+                                  "shorter_side": datasets.Value("int32")})
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, 16)
     num_proc = max(1, min(num_proc, len(ds) // 1000 or 1))  # process start-up dominates small splits
     datacache.remove_stale_temps(folder, log)
@@ -465,18 +496,19 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
         decoded = ds.map(_decode_batch, batched=True, batch_size=256, with_indices=True, num_proc=num_proc,
                          remove_columns=ds.column_names, features=features,
                          fn_kwargs={"side": side, "remap": remap, "origin": f"{src.name} [{src.split}]",
-                                    "builder": os.getpid()},
+                                    "builder": os.getpid(), "rows": subset},
                          cache_file_name=os.path.join(tmp, "decoded.arrow"), load_from_cache_file=False,
                          desc=f"decode {src.split}")
     files = sorted(os.path.basename(f["filename"]) for f in decoded.cache_files)
     del decoded
     # What cache.json records is read back from the files, as an open will read them.
     tables = {name: _open_table(os.path.join(tmp, name)) for name in files}
+    small, empty = _report_suspicious(src, ds, subset, tables, classes, side, log)
     meta = {"format": CACHE_FORMAT, "source": src.name, "kind": src.kind, "split": src.split,
             "rows": sum(t.num_rows for t in tables.values()), "image_size": side, "output_size": cfg.image_size,
             "classes": classes,
             "grayscale": int(sum(np.sum(t.column("gray")) for t in tables.values())), "files": files,
-            "max_samples": max_samples,
+            "max_samples": max_samples, "small_images": small, "empty_classes": empty,
             "arrow": {name: datacache.file_record(os.path.join(tmp, name), t) for name, t in tables.items()}}
     del tables
     with open(os.path.join(tmp, "cache.json"), "w") as f:
@@ -487,27 +519,78 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _report_suspicious(src: Source, ds: Any, subset: Optional[np.ndarray], tables: dict[str, Any],
+                       classes: list[str], side: int, log: Callable[[str], None]) -> tuple[int, list[str]]:
+    """Say once per build, in one warning line each, what decodes but is unlikely to be meant: images
+    with a shorter side below SMALL_SIDE, and (in a whole split) classes without a single image.
+    Returns (small images, empty classes) for cache.json."""
+    rows = list(tables.values())  # in cache order: row i is row i of `ds`
+    sides = np.concatenate([t.column("shorter_side").to_numpy() for t in rows])
+    small = np.flatnonzero(sides < SMALL_SIDE)
+    where = f"{src.name} [{src.split}]"
+    if len(small):
+        first = int(small[0])
+        image = ds[first]["image"]
+        log(f"warning: {len(small)} of {len(sides)} images of {where} have a side under {SMALL_SIDE} px, e.g. "
+            f"image #{_source_row(first, subset)} ({image.get('path') or 'embedded bytes'}, shorter side "
+            f"{sides[first]} px); they are upscaled to {side}x{side} like the rest: check the source")
+    empty: list[str] = []
+    if subset is None:  # a random subset may miss a class by chance: only a whole split says something
+        labels = np.concatenate([t.column("label").to_numpy() for t in rows])
+        empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
+    if empty:
+        # A warning, not an error (unlike an empty class folder of tiny-imagenet-200): a source's
+        # ClassLabel names are its author's declaration, and synthetic sources (bench.py's random
+        # labels) legitimately leave some empty. The model still gets an output for each.
+        log(f"warning: {len(empty)} of {len(classes)} classes have no images in {where}, e.g. `{empty[0]}`; "
+            "nothing teaches (train) or tests (valid) them")
+    return int(len(small)), empty
+
+
+def _source_row(index: int, rows: Optional[np.ndarray]) -> int:
+    """Row `index` of a (possibly subsetted) split, as a row number of the source split: what the user can find."""
+    return int(rows[index]) if rows is not None else int(index)
+
+
 def _decode_batch(batch: dict[str, list], indices: list[int], side: int, remap: np.ndarray,
-                  origin: str, builder: int) -> dict[str, Any]:
+                  origin: str, builder: int, rows: Optional[np.ndarray] = None) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
     datacache.detach_worker(builder)
     pixels = np.empty((len(indices), side * side * 3), np.uint8)
-    gray = []
+    gray, sides = [], []
     for row, (image, index) in enumerate(zip(batch["image"], indices)):
         try:
             with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as im:
-                gray.append(im.mode in ("L", "LA", "1", "I", "I;16", "F"))
-                rgb = im.convert("RGB")
+                gray.append(im.mode in ("L", "LA", "1", "F") or im.mode.startswith("I"))
+                sides.append(min(im.size))
+                rgb = to_rgb8(im)
                 if rgb.size != (side, side):
                     rgb = rgb.resize((side, side), Image.BICUBIC)
                 pixels[row] = np.asarray(rgb, np.uint8).reshape(-1)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             where = image.get("path") or "embedded bytes"
-            raise DataError(f"{origin}: image #{index} ({where}) cannot be decoded: {_first_line(e)}; "
-                            "fix or remove it from the source") from None
+            raise DataError(f"{origin}: image #{_source_row(index, rows)} ({where}) cannot be decoded: "
+                            f"{_first_line(e)}; fix or remove it from the source") from None
     labels = remap[np.asarray(batch["label"], np.int64)]
-    return {"pixels": pixels, "label": labels, "gray": gray}
+    return {"pixels": pixels, "label": labels, "gray": gray, "shorter_side": sides}
+
+
+def to_rgb8(im: Any) -> Any:
+    """`im` (a PIL image) as 8-bit RGB. Pillow's convert("RGB") clips integer modes at 255, which
+    turns a 16-bit image (a 16-bit PNG opens as I;16, or I in older Pillow; a TIFF as I;16 or I;16B)
+    99% white: its top 8 bits are kept instead, as Pillow itself does for 16-bit RGB PNGs."""
+    from PIL import Image
+
+    if not im.mode.startswith("I"):
+        return im.convert("RGB")
+    values = np.asarray(im).astype(np.int64)  # native or big-endian uint16, or int32 for mode I
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 0xFFFF:
+        # 32-bit or signed data has no agreed scale to 8 bits: any guess (per-image stretching) would
+        # change what the class looks like from one image to the next.
+        raise ValueError(f"{im.mode} pixels span {low}..{high}, beyond 16 bits; expected 8- or 16-bit images")
+    return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,41 +598,36 @@ def _decode_batch(batch: dict[str, list], indices: list[int], side: int, remap: 
 
 
 def describe(cfg: DataConfig) -> dict[str, Any]:
-    """What a source holds: kind, splits and rows, classes, grayscale count and cache location."""
+    """What a source holds: kind, splits and rows, classes, grayscale and small-image counts, and the
+    caches `train` reads (built here if missing, by the very call `train` makes)."""
     info: dict[str, Any] = {"source": cfg.source}
-    for split, limit in ((cfg.train_split, cfg.max_train_samples), (cfg.val_split, cfg.max_val_samples)):
-        cache = load_split(cfg, split, limit, log=lambda msg: print(msg, file=sys.stderr))
-        src_meta = cache.meta
-        info.setdefault("kind", src_meta["kind"])
+    for cache in load_train_val(cfg, log=lambda msg: print(msg, file=sys.stderr)):
+        meta = cache.meta
+        info.setdefault("kind", meta["kind"])
         info.setdefault("classes", cache.classes)
-        info.setdefault("grayscale", {})[src_meta["split"]] = src_meta["grayscale"]
-        info.setdefault("cache", {})[src_meta["split"]] = cache.folder
+        info.setdefault("grayscale", {})[meta["split"]] = meta["grayscale"]
+        info.setdefault("small_images", {})[meta["split"]] = meta["small_images"]
+        info.setdefault("cache", {})[meta["split"]] = cache.folder
     info["splits"] = open_source(cfg.source, cfg.train_split).splits
     info["num_classes"] = len(info["classes"])
     return info
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tinydist.config import HelpRequested, help_text, load_config
+    return cli.run(lambda: _main(sys.argv[1:] if argv is None else argv))
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in args
-    try:
-        cfg = load_config([a for a in args if a != "--json"], prog="python -m tinydist.data")
-        info = describe(cfg.data)
-    except HelpRequested:  # --help / -h: on stdout, exit 0
-        print(help_text("python -m tinydist.data", usage="python -m tinydist.data --config FILE "
-                        "[--section.key=VALUE ...] [--json]",
-                        about="Describe the data a config trains on: source kind, splits and rows, classes, "
-                              "grayscale count and decode cache (built on first use); --json: one JSON object. "
-                              "Only the [data] keys matter here."), end="")
-        return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TransientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_TRANSIENT
+
+def _main(argv: Sequence[str]) -> int:
+    from tinydist.config import HELP_FLAGS, HelpRequested, help_text, load_config
+
+    if any(arg in HELP_FLAGS for arg in argv):  # before load_config, which would raise the train's help
+        raise HelpRequested(help_text(
+            "python -m tinydist.data", usage="python -m tinydist.data --config FILE [--section.key=VALUE ...] [--json]",
+            about="Describe the data a config trains on: source kind, splits and rows, classes, grayscale and "
+                  "small-image counts, and the decode caches training reads (built on first use); --json: one "
+                  "JSON object. Only the [data] keys matter here."))
+    as_json = "--json" in argv
+    info = describe(load_config([a for a in argv if a != "--json"], prog="python -m tinydist.data").data)
     if as_json:
         print(json.dumps(info))
         return 0
@@ -558,6 +636,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = info["classes"]
     print(f"classes:  {len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
     print("grayscale: " + ", ".join(f"{k} {v}" for k, v in info["grayscale"].items()))
+    print(f"small (< {SMALL_SIDE} px): " + ", ".join(f"{k} {v}" for k, v in info["small_images"].items()))
     for split, folder in info["cache"].items():
         print(f"cache:    {split}: {folder}")
     return 0

@@ -1,7 +1,12 @@
 """Top-1 / top-5 / loss of a model on a split, and `python -m tinydist.evaluate`.
 
     python -m tinydist.evaluate --checkpoint runs/x/checkpoints/step-00001000 [--config FILE] [--data.source=...]
-    python -m tinydist.evaluate --checkpoint runs/x/model
+    python -m tinydist.evaluate --checkpoint runs/x/model [--split train] [--json]
+
+The command's metrics are named after the split scored: `val/top1`, `val/top5`, `val/loss` for the
+run's data.val_split (training's own names), `train/top1` ... for `--split train`; its JSON also
+holds `split` and `images`. Exit codes as every entry point (cli.py): a checkpoint that is not there
+or does not fit is 2, storage or the hub out of reach 69.
 """
 
 from __future__ import annotations
@@ -55,19 +60,28 @@ def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tinydist import cli
+
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     import argparse
+    import os
 
     from tinydist.checkpoint import CheckpointError
-    from tinydist.export import load_model_weights
-    from tinydist.config import ConfigError, load_config
+    from tinydist.config import load_config
     from tinydist.data import load_split
+    from tinydist.export import load_model_weights
     from tinydist.model import build_model
 
     parser = argparse.ArgumentParser(
         prog="python -m tinydist.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a checkpoint or an exported model: top-1, top-5 and loss on a split.",
         usage="%(prog)s --checkpoint PATH [--split SPLIT] [--json] [--config FILE] [--section.key=VALUE ...]",
-        epilog="Any other argument is a config override (--config FILE, --section.key=VALUE, --section.key VALUE)\n"
+        epilog="Metrics are named after the split scored: val/top1 etc. for the run's data.val_split (as in\n"
+               "training's metrics.jsonl), SPLIT/top1 etc. for any other (--split train: train/top1).\n"
+               "Any other argument is a config override (--config FILE, --section.key=VALUE, --section.key VALUE)\n"
                "applied over the config saved with the checkpoint, e.g. --data.source=PATH.\n"
                "Every config key, with its type, default and meaning:\n"
                "    python -m tinydist.config --help")
@@ -75,30 +89,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--split", default=None, help="split to score (default: data.val_split)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, overrides = parser.parse_known_args(argv)
+    local = os.path.expanduser(args.checkpoint)
+    if "://" not in args.checkpoint and not os.path.isdir(local):
+        what = "a file, not a folder" if os.path.exists(local) else "no such folder"
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: {what}; expected a checkpoint folder "
+                              "({checkpoint.dir}/step-N) or an exported model folder ({train.output_dir}/model)")
+    weights, saved_config = load_model_weights(local)
+    cfg = load_config(overrides, base=saved_config)
+    split = args.split or cfg.data.val_split
+    # The run's validation split keeps training's names (metrics.jsonl, checkpoint.best_metric, the
+    # model card), so the figures compare as they are; any other split is named, never passed off as val.
+    prefix = "val" if split == cfg.data.val_split else split
+    cache = load_split(cfg.data, split, cfg.data.max_val_samples, log=lambda m: print(m, file=sys.stderr))
+    model = build_model(cfg.model, len(cache.classes))
     try:
-        weights, saved_config = load_model_weights(args.checkpoint)
-        cfg = load_config(overrides, base=saved_config)
-        cache = load_split(cfg.data, args.split or cfg.data.val_split, cfg.data.max_val_samples,
-                           log=lambda m: print(m, file=sys.stderr))
-        model = build_model(cfg.model, len(cache.classes))
         model.load_state_dict(weights)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except RuntimeError as e:  # load_state_dict's shape report: say what to change
-        print(f"error: {args.checkpoint} does not fit model.stem={cfg.model.stem} with {len(cache.classes)} "
-              f"classes: {str(e).splitlines()[-1].strip()}", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{args.checkpoint} does not fit model.stem={cfg.model.stem} with {len(cache.classes)} "
+                              f"classes: {str(e).splitlines()[-1].strip()}; expected the config the run was trained "
+                              "with") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model.to(device), cache, cfg.train.eval_batch_size, device, channels_last=cfg.model.channels_last)
-    metrics["images"] = len(cache)
+    metrics: dict[str, Any] = evaluate(model.to(device), cache, cfg.train.eval_batch_size, device,
+                                       channels_last=cfg.model.channels_last, prefix=prefix)
+    metrics.update(split=split, images=len(cache))
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{args.checkpoint}: top-1 {metrics['val/top1']:.4f}  top-5 {metrics['val/top5']:.4f}  "
-              f"loss {metrics['val/loss']:.4f}  ({len(cache)} images of {cfg.data.source})")
+        print(f"{args.checkpoint}: {prefix} top-1 {metrics[f'{prefix}/top1']:.4f}  top-5 {metrics[f'{prefix}/top5']:.4f}  "
+              f"loss {metrics[f'{prefix}/loss']:.4f}  ({len(cache)} images of split {split} of {cfg.data.source})")
     return 0
 
 

@@ -9,9 +9,13 @@ writes its own exit code to a folder (see `record_exit_code`), and this command 
 group's code after Accelerate's own launch command, run unchanged, returns.
 
 Signals: SLURM sends SIGUSR1 to every process of a job step, Kubernetes sends SIGTERM to the first
-process only. So this process never dies of TERM/INT/USR1 itself: it passes them on to its
-children (torchrun's agent, when several processes are launched, installs its own TERM/INT
-forwarding) and waits for them to save and exit.
+process only, a closing terminal sends SIGHUP. So this process never dies of TERM/INT/USR1/HUP
+itself: it passes them on to its children (torchrun's agent, when several processes are launched,
+installs its own TERM/INT/HUP forwarding) and waits for them to save and exit (75). Started under
+`nohup` (SIGHUP inherited ignored) it leaves SIGHUP ignored, for its children too.
+
+Its own errors (bad flags, a training script that is not there) end like every entry point's,
+through `cli.run`: one line, the contract's code; otherwise the code is the group's.
 
 Elastic runs (a lost machine does not end the job) need torchrun's `--nnodes=MIN:MAX` with a c10d
 rendezvous, which `accelerate launch` cannot express (its --num_machines is one number). With
@@ -31,10 +35,15 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
-from tinydist.exitcodes import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_TRANSIENT
-from tinydist.preempt import SIGNALS
+from tinydist import cli
+from tinydist.exitcodes import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_TRANSIENT, PermanentError
+from tinydist.preempt import stop_signals
 
 EXIT_DIR_ENV = "TINYDIST_EXIT_DIR"
+
+
+class LaunchError(PermanentError):
+    """The launch command itself is wrong (exit 2, one line): no training process was started."""
 
 
 def record_exit_code(code: int, message: str = "") -> None:
@@ -107,12 +116,17 @@ def _recorded_codes(folder: str) -> list[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    for sig in SIGNALS:  # first thing: a signal during the imports below must not kill us either
+    """The group's exit code (see group_exit_code); the launcher's own errors through cli.run."""
+    handled = stop_signals()
+    for sig in handled:  # first thing: a signal during the imports below must not kill us either
         signal.signal(sig, _forward)
+    return cli.run(lambda: _launch(list(sys.argv[1:] if argv is None else argv), handled))
+
+
+def _launch(argv: list[str], handled: Sequence[int]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--torchrun"]:
         import torch.distributed.run as torchrun
 
@@ -123,7 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         args = launch_command_parser().parse_args(argv)
         run = launch_command
+    script = args.training_script
+    # Every process would fail to start, each with its own python error and the group with 2 or 1.
+    if not (args.module or args.no_python) and not os.path.isfile(script):
+        raise LaunchError(f"training script {script!r}: no such file (relative to {os.getcwd()}); expected "
+                          "a path like tinydist/train.py, or -m with a module name")
+    if signal.SIGHUP not in handled:  # nohup: torchrun's agent would otherwise turn SIGHUP into a shutdown
+        os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT")
     folder = tempfile.mkdtemp(prefix="tinydist-exit.")
+    outer = os.environ.get(EXIT_DIR_ENV)
     os.environ[EXIT_DIR_ENV] = folder
     # torchrun's default grace between forwarding SIGTERM and SIGKILL (30 s) can cut a save short.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "170")
@@ -141,6 +163,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         recorded = _recorded(folder)
         shutil.rmtree(folder, ignore_errors=True)
+        # cli.run records this process's own code on its way out: never into its children's folder
+        if outer is None:
+            os.environ.pop(EXIT_DIR_ENV, None)
+        else:
+            os.environ[EXIT_DIR_ENV] = outer
     code = group_exit_code([c for c, _ in recorded], fallback if fallback >= 0 else 128 - fallback)
     # The run's own one-line error, last, below torchrun's tracebacks: the first rank that gave this code.
     message = next((m for c, m in recorded if c == code and m), "")

@@ -8,6 +8,8 @@ centre crop, then the training normalisation (mean/std from config.json).
 
 Folders are searched recursively, in sorted order, for files with an image extension; one of those
 that does not decode is skipped with a warning. A file named on the command line must be an image.
+Exit codes as every entry point (cli.py): 2 for a model folder, image or flag that is missing or
+wrong, 69 for a model on storage that cannot be reached.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from tinydist.exitcodes import EXIT_CONFIG, PermanentError
+from tinydist.exitcodes import PermanentError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BATCH = 64
@@ -165,6 +167,12 @@ def predict(folder: str, paths: Sequence[str], device: torch.device, k: int = 5,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tinydist import cli
+
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tinydist.predict", description="Top-5 classes of images, from an exported model folder.",
         epilog="Folders are searched recursively (sorted) for image files; one that does not decode is skipped "
@@ -175,19 +183,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--top", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
     args = parser.parse_args(argv)
-    try:
-        if args.top < 1:
-            raise PredictError(f"--top {args.top}; expected an int >= 1")
-        for result in predict(args.model, args.images, pick_device(args.device), args.top):
-            if args.json:
-                print(json.dumps(result), flush=True)
-                continue
-            print(result["image"])
-            for entry in result["top"]:
-                print(f"  {entry['prob']:7.2%}  {entry['id']}" + (f"  {entry['name']}" if entry["name"] not in ("", entry["id"]) else ""))
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    if args.top < 1:
+        raise PredictError(f"--top {args.top}; expected an int >= 1")
+    for result in predict(args.model, args.images, pick_device(args.device), args.top):
+        if args.json:
+            print(json.dumps(result), flush=True)
+            continue
+        print(result["image"])
+        for entry in result["top"]:
+            print(f"  {entry['prob']:7.2%}  {entry['id']}" + (f"  {entry['name']}" if entry["name"] not in ("", entry["id"]) else ""))
     return 0
 
 

@@ -1,9 +1,15 @@
 """Preemption is a flag, not a handler.
 
 SIGTERM (Kubernetes, cloud spot notices), SIGUSR1 (SLURM's warning before the time limit),
-SIGINT and a cloud's preemption notice (notice.py) only set a flag. At each step boundary all ranks agree on it with one all-reduce over a
-CPU (gloo) group, so reading it never waits for the GPU; then they save and exit together with
-EXIT_PREEMPTED. A second signal while saving changes nothing: the flag is already set.
+SIGINT (Ctrl-C), SIGHUP (the terminal or SSH session that started the run closed) and a cloud's
+preemption notice (notice.py) only set a flag. At each step boundary all ranks agree on it with one
+all-reduce over a CPU (gloo) group, so reading it never waits for the GPU; then they save and exit
+together with EXIT_PREEMPTED (75): a relaunch resumes from that checkpoint. A second signal while
+saving changes nothing: the flag is already set.
+
+SIGHUP's default would kill the run mid-step and lose everything since the last checkpoint. A run
+started under `nohup` inherits SIGHUP ignored: that is the user asking it to outlive the terminal,
+so it stays ignored (`stop_signals`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,12 @@ from __future__ import annotations
 import signal
 from typing import Any, Optional
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The SIGNALS this process should handle: all, less SIGHUP where it was inherited ignored (nohup)."""
+    return tuple(s for s in SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
 
 
 class StopFlag:
@@ -19,7 +30,7 @@ class StopFlag:
         self.signal_name: Optional[str] = None
         self.log = log
         self._announce = False
-        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.request(signal.Signals(signum).name)

@@ -2,11 +2,13 @@
 
 Everything the checkpoint code does to storage goes through `Storage`, so that what a fault *is*
 is decided in one place: a missing file is `FileNotFoundError` (an answer, not a fault); a full
-disk or quota is `StorageFullError`; anything else the backend raises while talking to the disk
-or the network (connection refused, timeouts, 5xx, expired credentials) is `StorageError`, a
-`TransientError`: the run rides it out or stops with the transient exit code, never with "bad
-config". fsspec backends raise their own exception types (botocore's are not even OSErrors), so
-the boundary catches broadly and lets only programming errors through.
+disk or quota is `StorageFullError`; a file system that refuses us for good (read-only, permission
+denied, no credentials at all) is `StorageRefusedError`, a `PermanentError` (exit 2: waiting or a
+relaunch on the same storage cannot fix it); anything else the backend raises while talking to the
+disk or the network (connection refused, timeouts, 5xx, expired or refused credentials) is
+`StorageError`, a `TransientError`: the run rides it out or stops with the transient exit code,
+never with "bad config". fsspec backends raise their own exception types (botocore's are not even
+OSErrors), so the boundary catches broadly and lets only programming errors through.
 """
 
 from __future__ import annotations
@@ -16,19 +18,28 @@ import errno
 import os
 import re
 import shutil
+import sys
 import threading
 from typing import Any, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tinydist.exitcodes import TransientError, one_line
+from tinydist.exitcodes import PermanentError, TransientError, one_line
 
 TMP_TAG = ".tmp-"  # local writes go to `{name}.tmp-{pid}-{thread}` first; strays are removed by cleanup
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _BUGS = (TypeError, AttributeError, NameError, AssertionError, KeyError, IndexError)  # ours, not storage's
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+# The local file system says no to this process for good: a read-only mount, a folder it may not
+# write. (Object stores' "access denied" is a PermissionError without an errno: see `faults`.)
+_REFUSED = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}
+# How the object-store clients say that no credentials were found at all, by (module, class name):
+# matched without importing them (botocore and google-auth are optional).
+_NO_CREDENTIALS = (("botocore.exceptions", "NoCredentialsError"), ("botocore.exceptions", "PartialCredentialsError"),
+                   ("google.auth.exceptions", "DefaultCredentialsError"))
 
 
 class StorageError(TransientError):
@@ -37,6 +48,24 @@ class StorageError(TransientError):
 
 class StorageFullError(StorageError):
     """No space left (or quota exceeded) where a file was being written."""
+
+
+class StorageRefusedError(PermanentError):
+    """The storage refuses this job for good: a read-only file system, permission denied, no
+    credentials at all. Not a StorageError: retrying through an "outage" would only delay exit 2."""
+
+
+def _no_credentials(error: BaseException) -> bool:
+    """Whether `error` (or what it was raised from) is a client finding no credentials anywhere."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for module, name in _NO_CREDENTIALS:
+            cls = getattr(sys.modules.get(module), name, None)
+            if isinstance(cls, type) and isinstance(error, cls):
+                return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def parse_size(size: str | int) -> int:
@@ -73,18 +102,35 @@ class Storage:
 
     @contextlib.contextmanager
     def faults(self, what: str) -> Iterator[None]:
-        """Turn whatever the backend raises into FileNotFoundError, StorageFullError or StorageError."""
+        """Turn whatever the backend raises into FileNotFoundError, StorageFullError, StorageRefusedError
+        or StorageError."""
         try:
             yield
-        except (FileNotFoundError, StorageError):
+        except (FileNotFoundError, StorageError, StorageRefusedError):
             raise
         except _BUGS:
             raise
         except OSError as e:
             if e.errno in _FULL:
                 raise StorageFullError(f"{what}: no space left on device ({e.strerror or e})") from e
+            # Only an errno from the kernel counts: s3fs turns AccessDenied, ExpiredToken and clock skew
+            # alike into a bare PermissionError (no errno), and an expired token is refreshed by a
+            # relaunch; the start-up probe still names those (ConfigError).
+            if e.errno in _REFUSED:
+                raise StorageRefusedError(f"{what}: {_REFUSED[e.errno]}; expected a location this job may "
+                                          "read and write (a read-write mount, a folder it owns)") from e
             raise StorageError(f"{what}: {type(e).__name__}: {one_line(e)[:300]}") from e
         except Exception as e:  # noqa: BLE001 - any backend's network/service error (botocore, gcsfs, ...)
+            # No credentials at all is exit 2, not 69: the client raises it only after every source in
+            # its chain came back empty (environment, config files, container and instance metadata,
+            # the last retried per AWS_METADATA_SERVICE_NUM_ATTEMPTS). What is missing is the
+            # environment's configuration, which relaunching into the same environment does not
+            # change, and a relaunch loop backing off for hours would hide it from the user.
+            if _no_credentials(e):
+                raise StorageRefusedError(f"{what}: no credentials found ({type(e).__name__}: {one_line(e)[:200]}); "
+                                          "expected credentials for this store in the environment (for s3://: "
+                                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance "
+                                          "role; for gs://: GOOGLE_APPLICATION_CREDENTIALS)") from e
             raise StorageError(f"{what}: {type(e).__name__}: {one_line(e)[:300]}") from e
 
     # ---- reading ---------------------------------------------------------------------------------------
@@ -122,8 +168,9 @@ class Storage:
 
     def probe(self, key: str) -> None:
         """Prove, before any training, that this folder can be written: a small file written and removed.
-        A missing bucket or a permission error is the user's to fix (ConfigError, exit 2); storage that
-        does not answer is a StorageError (transient). `key` names the config key, for the message."""
+        A missing bucket, a read-only file system, a permission error or no credentials is the user's to
+        fix (ConfigError, exit 2); storage that does not answer is a StorageError (transient). `key`
+        names the config key, for the message."""
         from tinydist.config import ConfigError  # here: config imports this module
 
         name = f".tinydist-probe-{os.getpid()}-{threading.get_ident()}"
@@ -132,8 +179,12 @@ class Storage:
                 self.makedirs("")
                 self.write(name, b"probe\n")
             finally:
-                with contextlib.suppress(FileNotFoundError, StorageError):
+                with contextlib.suppress(FileNotFoundError, StorageError, StorageRefusedError):
                     self.remove(name)
+        except StorageRefusedError as e:
+            # A ConfigError, not the StorageRefusedError itself: it names the key, and every caller
+            # of probe (lease.claim_storage) already tells the other ranks about a ConfigError.
+            raise ConfigError(f"{key}={self.url} cannot be written: {e}") from None
         except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
             raise ConfigError(f"{key}={self.url} cannot be written ({type(e).__name__}: {one_line(e)[:200]}); "
                               "expected an existing bucket or folder this job may write (check the name and "
