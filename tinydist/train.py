@@ -35,7 +35,7 @@ from tinydist.checkpoint import Checkpointer
 from tinydist.ckpt_format import tensor_sets
 from tinydist.config import Config, ConfigError, load_config
 from tinydist.console import Console
-from tinydist.data import load_split
+from tinydist.data import load_train_val
 from tinydist.ema import ModelEma
 from tinydist.evaluate import evaluate
 from tinydist.exitcodes import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, TransientError
@@ -93,10 +93,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     try:
         # Data: decoded once per node, then memory-mapped by every rank.
         try:
-            train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples,
-                                    accelerator.local_main_process_first, log=say, detail=cfg.data.train_detail)
-            val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples,
-                                  accelerator.local_main_process_first, log=say)
+            train_data, val_data = load_train_val(cfg.data, accelerator.local_main_process_first, log=say)
         except RuntimeError as e:
             if not stop.requested:
                 raise
