@@ -87,6 +87,19 @@ def signal_handlers() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+ENTRY_POINTS = ["tinydist.train", "tinydist.launch", "tinydist.evaluate", "tinydist.predict", "tinydist.data",
+                "tinydist.config", "tinydist.report", "tinydist.bench", "tinydist.bench_gpu", "tinydist.bench_quality"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_a_bad_flag_is_a_returned_2_never_a_raised_exit(module: str, capsys: pytest.CaptureFixture[str],
+                                                       signal_handlers: None) -> None:
+    """A console script exits with what main returns; main itself never raises (SystemExit included)."""
+    assert importlib.import_module(module).main(["--no-such-flag"]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and "error: " in err and "Traceback" not in err, err  # argparse's words, or ours
+
+
 def test_config_error_is_2_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert config.main(["--optim.bogus=1"]) == EXIT_CONFIG
     out, err = capsys.readouterr()
@@ -278,6 +291,21 @@ def test_read_only_file_system_is_permanent_not_transient(read_only: Path) -> No
         assert exit_code_for(e.value) == EXIT_CONFIG
         assert "read-only file system" in str(e.value) and "\n" not in str(e.value)
     assert storage.sizes() == {}  # reading is fine
+
+
+def test_a_save_to_a_read_only_checkpoint_dir_is_not_retried_as_an_outage(read_only: Path) -> None:
+    import torch
+
+    from tinydist.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(4, 2)
+    logs: list[str] = []
+    checkpointer = Checkpointer(str(read_only), keep_last=1, log=logs.append, max_outage_s=600, retry_s=1)
+    with pytest.raises(StorageRefusedError) as e:
+        checkpointer.save(1, model, torch.optim.SGD(model.parameters(), lr=0.1), {"epoch": 0}, blocking=True)
+    assert "read-only file system" in str(e.value) and exit_code_for(e.value) == EXIT_CONFIG
+    assert not [line for line in logs if "retrying" in line], logs
+    assert checkpointer.committed() == [] and os.listdir(read_only) == []
 
 
 @pytest.mark.parametrize("key", ["checkpoint.dir", "train.output_dir"])
