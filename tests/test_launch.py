@@ -121,11 +121,11 @@ COUNTING_TRAINER = """
 """
 
 SIGNALLED_TRAINER = """
-    # Stand-in training program: on TERM/INT/USR1 "saves" (a short sleep) and exits 75, the
+    # Stand-in training program: on TERM/INT/USR1/HUP "saves" (a short sleep) and exits 75, the
     # contract, recording its code for tinydist.launch as tinydist/train.py does.
     import os, signal, sys, time
     got = []
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(s, lambda n, _: got.append(signal.Signals(n).name))
     if os.environ.get("TINYDIST_EXIT_DIR"):  # under tinydist.launch (the import costs torch's)
         from tinydist.launch import record_exit_code
@@ -647,6 +647,20 @@ def test_launch_sigint_to_process_group(tmp_path):
         err = finish(proc)
     assert proc.returncode == 75, err
     assert (tmp_path / "got0").read_text() == sig.name
+
+
+@pytest.mark.slow
+def test_launch_sighup_to_the_launcher_only(tmp_path):
+    """A closing terminal hangs up the launcher: it forwards SIGHUP, the trainer saves, the code is 75."""
+    trainer = script(tmp_path / "train.py", SIGNALLED_TRAINER)
+    proc = tinydist_launch(ONE, trainer, STUB_DIR=tmp_path)
+    try:
+        wait_for(tmp_path / "ready0", proc)
+        proc.send_signal(signal.SIGHUP)
+    finally:
+        err = finish(proc)
+    assert proc.returncode == 75, err
+    assert (tmp_path / "got0").read_text() == "SIGHUP"
 
 
 @pytest.mark.slow
