@@ -8,25 +8,27 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available
+from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available
 
 from tinydist.config import Config, ConfigError
-from tinydist.tracking import local_staging_dir
+from tinydist.tracking import check_wandb_credentials
 
 
 def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:
-    """Accelerate owns devices, processes and precision (launch flags, config files); tinydist adds
-    only the trackers. Without a GPU, Accelerate forms a (gloo) process group only when told to use
-    the CPU; otherwise every process would silently train alone."""
+    """Accelerate owns devices, processes and precision (launch flags, config files). Without a GPU,
+    Accelerate forms a (gloo) process group only when told to use the CPU; otherwise every process
+    would silently train alone. The trackers are checked here, before any data is loaded, and only
+    what can be known without a network call; tracking.RunLog starts them, best-effort."""
     trackers = list(cfg.log.report_to) if cfg else []
     if "tensorboard" in trackers and not is_tensorboard_available():
         raise ConfigError("log.report_to has `tensorboard` but it is not installed: pip install -e '.[tensorboard]'")
-    staging = local_staging_dir(cfg.train.output_dir) if cfg else None
+    # Only the main process (RANK 0) talks to W&B: its machine's key is the one that counts, and a
+    # worker node without ~/.netrc is normal.
+    if "wandb" in trackers and os.environ.get("RANK", "0") == "0":
+        check_wandb_credentials()
     # Every collective waits at most train.peer_timeout_s for a peer (torch's default is 10-30 min).
     timeout = datetime.timedelta(seconds=(cfg or Config()).train.peer_timeout_s)
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                       project_config=ProjectConfiguration(project_dir=staging, logging_dir=staging),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def requested_processes() -> Optional[int]:

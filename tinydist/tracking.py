@@ -3,10 +3,17 @@
 The W&B run id is kept in the checkpoint, so a resumed job, on any machine, continues the same
 run: one curve, not two halves. The metrics file is cut back to the checkpoint's step on resume,
 so steps replayed after a hard kill are not written twice.
+
+Trackers are best-effort: a dashboard must never stop (or stall) a training run. One that cannot
+start within `log.tracker_timeout_s` falls back (W&B: offline, same run id, `wandb sync` later) or is
+dropped, with one warning; one whose log raises is dropped, with one warning. metrics.jsonl, which
+the report and the resume rely on, is written either way. The one tracker failure that stops a run
+is decided before any data is loaded, without a network call: WANDB_MODE=online and no API key.
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import netrc
 import os
@@ -14,11 +21,19 @@ import re
 import secrets
 import string
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import fsspec
 
-from tinydist.config import Config, to_dict
+from tinydist.config import Config, ConfigError, to_dict
+from tinydist.exitcodes import one_line
 from tinydist.storage import Storage, StorageError
+
+# Longest a tracker may hold up training, at its start and at its end, unless `log.tracker_timeout_s`
+# says otherwise. wandb's own default (init_timeout 90 s, plus retries) held a run ~100 s offline;
+# 20 s, plus the offline start after it (~2 s measured), keeps a fallback under 30 s.
+DEFAULT_TRACKER_TIMEOUT_S = 20.0
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
 
 
 def is_local(url: str) -> bool:
@@ -32,18 +47,88 @@ def local_staging_dir(output_dir: str) -> str:
     return os.path.join(os.path.expanduser("~/.cache/tinydist/runs"), re.sub(r"[^\w.-]+", "_", output_dir))
 
 
-def wandb_never_blocks(log: Any) -> None:
-    """Without credentials and an explicit WANDB_MODE, run W&B offline instead of prompting for a login."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return
+def tracker_timeout_s(cfg: Config) -> float:
+    """`log.tracker_timeout_s` (read with a default: config.py may not have the field yet)."""
+    return float(getattr(cfg.log, "tracker_timeout_s", DEFAULT_TRACKER_TIMEOUT_S))
+
+
+def _env_seconds(name: str, bound: float) -> float:
+    """wandb's own timeout variable when it asks for less than `bound`: never more, since our explicit
+    setting overrides the variable and a user who shortened it expects it honoured."""
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return
+        return min(bound, float(os.environ.get(name) or bound))
+    except ValueError:
+        return bound
+
+
+def wandb_mode() -> Optional[str]:
+    """WANDB_MODE as wandb reads it (`dryrun` is offline; `run` and `shared` need the server, as
+    online does), or None when unset."""
+    mode = (os.environ.get("WANDB_MODE") or "").strip().lower()
+    return {"dryrun": "offline", "run": "online", "shared": "online"}.get(mode, mode) or None
+
+
+def _netrc_path() -> str:
+    # wandb's order (wandb/sdk/lib/wbauth/wbnetrc.py): $NETRC, then an existing ~/.netrc or ~/_netrc.
+    if os.environ.get("NETRC"):
+        return os.path.expanduser(os.environ["NETRC"])
+    for name in ("~/.netrc", "~/_netrc"):
+        if os.path.exists(os.path.expanduser(name)):
+            return os.path.expanduser(name)
+    return os.path.expanduser("~/.netrc")
+
+
+def _saved_base_url() -> Optional[str]:
+    """The server `wandb login --host` saved in wandb's global settings file, if any."""
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(os.path.join(os.path.expanduser(config_dir), "settings"))
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+    return parser.get("default", "base_url", fallback=None)
+
+
+def wandb_credentials() -> Optional[str]:
+    """Where wandb would find credentials, said without asking the server (None: nowhere). Mirrors
+    wandb's lookup (0.31, wandb/sdk/lib/wbauth): WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, then the
+    netrc entry for the server's host. Lenient on purpose: the host may be WANDB_BASE_URL's, the one
+    `wandb login --host` saved, or api.wandb.ai, since a key missed here refuses a run under
+    WANDB_MODE=online, while one found here that wandb rejects only means logging offline."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(name):
+            return name
+    path = _netrc_path()
+    try:
+        entries = netrc.netrc(path)
     except (OSError, netrc.NetrcParseError):
-        pass
-    os.environ["WANDB_MODE"] = "offline"
-    log("W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging offline; "
-        "upload later with `wandb sync <output_dir>/wandb/offline-run-*`")
+        return None
+    for url in (os.environ.get("WANDB_BASE_URL"), _saved_base_url(), WANDB_DEFAULT_URL):
+        host = urlsplit(url).netloc if url else ""
+        creds = entries.authenticators(host) if host else None
+        if creds and creds[2]:
+            return f"{path} ({host})"
+    return None
+
+
+def check_wandb_credentials() -> None:
+    """WANDB_MODE=online is the user insisting on the server: without a key wandb.init would fail
+    (or prompt) only after the data is loaded, so say it now, with no network call."""
+    if wandb_mode() == "online" and wandb_credentials() is None:
+        raise ConfigError("log.report_to has `wandb` and WANDB_MODE=online, but no W&B API key was found: set "
+                          "WANDB_API_KEY or run `wandb login` (or set WANDB_MODE=offline and `wandb sync` later)")
+
+
+def _wandb_settings(wandb: Any, **values: float) -> Any:
+    """wandb.Settings with those of `values` this wandb knows (finish_timeout is newer than our floor)."""
+    fields = getattr(wandb.Settings, "model_fields", None)  # pydantic settings (wandb >= 0.19)
+    known = set(fields) if fields is not None else {"init_timeout"}
+    return wandb.Settings(**{key: value for key, value in values.items() if key in known})
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {one_line(text[0])[:200]}" if text else type(error).__name__
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -107,16 +192,21 @@ class MetricsFile:
 
 
 class RunLog:
-    """Main process only: metrics file + Accelerate trackers. Other ranks get a RunLog that does nothing."""
+    """Main process only: metrics file + trackers. Other ranks get a RunLog that does nothing.
+
+    Trackers are Accelerate's classes, but started, fed and finished here one by one, not through
+    `accelerator.init_trackers` / `log` / `end_training`, which stop at the first one that raises."""
 
     def __init__(self, accelerator: Any, cfg: Config, run_id: Optional[str], resume_step: Optional[int],
                  dataset_size: int = 0):
         self.accelerator = accelerator
+        self.say = accelerator.print
         # Every record says where in training it is: epoch and samples follow from the step.
         self.global_batch, self.dataset_size = cfg.train.global_batch_size, dataset_size
         self.active = accelerator.is_main_process
         self.run_id = run_id
-        self.uses_wandb = "wandb" in cfg.log.report_to
+        self.trackers: list[Any] = []
+        self._dropped: list[Any] = []
         if not self.active:
             return
         self.metrics = MetricsFile(cfg.train.output_dir, resume_step, accelerator.print)
@@ -124,13 +214,74 @@ class RunLog:
             return
         staging = local_staging_dir(cfg.train.output_dir)
         os.makedirs(staging, exist_ok=True)
-        init_kwargs: dict[str, Any] = {}
-        if "wandb" in cfg.log.report_to:
-            wandb_never_blocks(accelerator.print)
-            self.run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            init_kwargs["wandb"] = {"id": self.run_id, "resume": "allow", "dir": staging,
-                                    "name": cfg.log.run_name or os.path.basename(cfg.train.output_dir.rstrip("/"))}
-        accelerator.init_trackers(cfg.log.project, config=flatten(to_dict(cfg)), init_kwargs=init_kwargs)
+        config = flatten(to_dict(cfg))
+        for name in cfg.log.report_to:
+            tracker = (self._start_wandb(cfg, staging, config) if name == "wandb"
+                       else self._start_other(name, cfg.log.project, staging, config))
+            if tracker is not None:
+                self.trackers.append(tracker)
+
+    @staticmethod
+    def _start(kind: str, project: str, config: dict[str, Any], staging: str, /, **kwargs: Any) -> Any:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        cls = LOGGER_TYPE_TO_CLASS[kind]
+        tracker = cls(project, staging, **kwargs) if cls.requires_logging_directory else cls(project, **kwargs)
+        if hasattr(tracker, "start"):  # Accelerate >= 1.5 starts a tracker here, older ones in __init__
+            tracker.start()
+        tracker.store_init_configuration(config)
+        return tracker
+
+    def _start_other(self, name: str, project: str, staging: str, config: dict[str, Any]) -> Any:
+        try:
+            return self._start(name, project, config, staging)
+        except Exception as e:  # noqa: BLE001 - a tracker raises what its library raises; none may stop training
+            self.say(f"warning: {name} dropped: it could not start ({_first_line(e)}); training goes on")
+            return None
+
+    def _start_wandb(self, cfg: Config, staging: str, config: dict[str, Any]) -> Any:
+        """The W&B run, online if it can be within the timeout, else offline under the same id (so
+        `wandb sync` uploads one run, and a resume continues it), else none; one warning either way."""
+        import wandb
+
+        bound = tracker_timeout_s(cfg)
+        # The viewer query behind wandb's "logged in as" line is not bounded by init_timeout (offline,
+        # it held the start 10 s more); it is only for display: the server names the run's entity.
+        os.environ.setdefault("WANDB__DISABLE_VIEWER", "true")
+        self.run_id = self.run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        kwargs = {"id": self.run_id, "resume": "allow", "dir": staging,
+                  "name": cfg.log.run_name or os.path.basename(cfg.train.output_dir.rstrip("/")),
+                  "settings": _wandb_settings(wandb, init_timeout=_env_seconds("WANDB_INIT_TIMEOUT", bound),
+                                              finish_timeout=_env_seconds("WANDB_FINISH_TIMEOUT", bound))}
+        mode = wandb_mode()
+        if mode is None and wandb_credentials() is None:
+            # WANDB_MODE unset means wandb's default (online), not a user's demand: no key then is
+            # someone trying the recipe, who expects training, and a hint, not an error or a prompt.
+            why = "no API key (WANDB_API_KEY or `wandb login`)"
+        else:
+            try:
+                return self._start("wandb", cfg.log.project, config, staging, **kwargs)
+            except Exception as e:  # noqa: BLE001 - wandb raises CommError, UsageError, TimeoutError, OSError...
+                why = f"could not start online ({_first_line(e)}; init_timeout {kwargs['settings'].init_timeout:g} s)"
+                _abandon_wandb(wandb)  # the failed run holds its id in wandb's service until torn down
+                if mode in ("offline", "disabled"):  # nothing else to fall back to
+                    self.say(f"warning: wandb dropped: it could not start ({_first_line(e)}); training goes on")
+                    return None
+        try:
+            tracker = self._start("wandb", cfg.log.project, config, staging, mode="offline", **kwargs)
+        except Exception as e:  # noqa: BLE001 - as above: the run goes on without W&B
+            _abandon_wandb(wandb)
+            self.say(f"warning: wandb dropped: {why}, and not even offline ({_first_line(e)}); training goes on")
+            return None
+        run_dir = os.path.dirname(tracker.run.dir.rstrip("/"))  # .../wandb/offline-run-<time>-<id>/files
+        self.say(f"warning: W&B: {why}; logging offline to run {self.run_id}: upload later with `wandb sync {run_dir}`")
+        return tracker
+
+    def _drop(self, tracker: Any, error: BaseException) -> None:
+        self.trackers.remove(tracker)
+        self._dropped.append(tracker)
+        self.say(f"warning: {tracker.name} dropped: logging to it failed ({_first_line(error)}); training goes on, "
+                 "metrics.jsonl has every record")
 
     def position(self, step: int) -> dict[str, Any]:
         samples = step * self.global_batch
@@ -141,8 +292,13 @@ class RunLog:
         if not self.active:
             return
         self.metrics.write({**self.position(step), **metrics})
-        if metrics:
-            self.accelerator.log(metrics, step=step)
+        if not metrics:
+            return
+        for tracker in list(self.trackers):  # a copy: _drop removes from the list
+            try:
+                tracker.log(metrics, step=step)
+            except Exception as e:  # noqa: BLE001 - a dashboard's failure, whatever its type, must not stop training
+                self._drop(tracker, e)
 
     def event(self, name: str, step: int, **details: Any) -> None:
         """Resume and preemption marks, for the report's picture; not sent to the trackers."""
@@ -155,11 +311,29 @@ class RunLog:
             self.metrics.flush()
 
     def finish(self, preempted: bool) -> None:
-        """On every rank: Accelerate's end_training also tears down the process group."""
+        """On every rank: Accelerate's end_training also tears down the process group. W&B's final
+        upload waits at most `log.tracker_timeout_s` (finish_timeout); the rest is left for `wandb sync`."""
         if self.active:
-            if preempted and self.uses_wandb:
-                run = self.accelerator.get_tracker("wandb", unwrap=True)
-                if hasattr(run, "mark_preempting"):
-                    run.mark_preempting()
+            working, dropped = self.trackers, self._dropped
+            self.trackers, self._dropped = [], []  # closed once, even if finish is called again
+            for tracker in working + dropped:
+                try:
+                    if preempted and tracker.name == "wandb" and tracker in working:
+                        run = tracker.tracker
+                        if hasattr(run, "mark_preempting"):
+                            run.mark_preempting()
+                    tracker.finish()
+                except Exception as e:  # noqa: BLE001 - the run is over: a tracker's close must not change its code
+                    if tracker in working:  # a dropped one was already reported
+                        self.say(f"warning: {tracker.name} could not close cleanly ({_first_line(e)})")
             self.metrics.close()
         self.accelerator.end_training()
+
+
+def _abandon_wandb(wandb: Any) -> None:
+    """Free what a failed start left in wandb's service (the run id, above all), so that the offline
+    retry can use the same id."""
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - best effort: the retry reports what still fails
+        pass
