@@ -209,6 +209,10 @@ class LogConfig:
     run_name: Optional[str] = None
     # Log training metrics every this many optimizer steps.
     every_steps: int = 10
+    # Longest a tracker may hold up training, at its start and its end: W&B that cannot start online within
+    # this logs offline under the same run id (`wandb sync` later); its final upload stops after this (the
+    # rest stays on disk for `wandb sync`). wandb's WANDB_INIT_TIMEOUT / WANDB_FINISH_TIMEOUT apply when shorter.
+    tracker_timeout_s: float = 20.0
 
 
 @dataclass
@@ -411,6 +415,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for `checkpoint.mtbf_minutes`: {cfg.checkpoint.mtbf_minutes!r}; expected minutes > 0")
     if not cfg.preemption.poll_s > 0:
         raise ConfigError(f"bad value for `preemption.poll_s`: {cfg.preemption.poll_s!r}; expected seconds > 0")
+    if not cfg.log.tracker_timeout_s > 0:
+        raise ConfigError(f"bad value for `log.tracker_timeout_s`: {cfg.log.tracker_timeout_s!r}; expected seconds > 0")
     if not cfg.train.peer_timeout_s > 0:
         raise ConfigError(f"bad value for `train.peer_timeout_s`: {cfg.train.peer_timeout_s!r}; expected seconds > 0")
     for key in ("checkpoint.max_outage_s", "checkpoint.retry_s", "checkpoint.lease_ttl_s"):

@@ -26,13 +26,10 @@ from urllib.parse import urlsplit
 import fsspec
 
 from tinydist.config import Config, ConfigError, to_dict
+from tinydist.divergence import finite_or_none
 from tinydist.exitcodes import one_line
 from tinydist.storage import Storage, StorageError
 
-# Longest a tracker may hold up training, at its start and at its end, unless `log.tracker_timeout_s`
-# says otherwise. wandb's own default (init_timeout 90 s, plus retries) held a run ~100 s offline;
-# 20 s, plus the offline start after it (~2 s measured), keeps a fallback under 30 s.
-DEFAULT_TRACKER_TIMEOUT_S = 20.0
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
 
 
@@ -48,8 +45,10 @@ def local_staging_dir(output_dir: str) -> str:
 
 
 def tracker_timeout_s(cfg: Config) -> float:
-    """`log.tracker_timeout_s` (read with a default: config.py may not have the field yet)."""
-    return float(getattr(cfg.log, "tracker_timeout_s", DEFAULT_TRACKER_TIMEOUT_S))
+    """Longest a tracker may hold up training, at its start and at its end. wandb's own default
+    (init_timeout 90 s, plus retries) held a run ~100 s offline; `log.tracker_timeout_s` (20 s), plus the
+    offline start after it (~2 s measured), keeps a fallback under 30 s."""
+    return float(cfg.log.tracker_timeout_s)
 
 
 def _env_seconds(name: str, bound: float) -> float:
@@ -175,7 +174,7 @@ class MetricsFile:
         self._failing = False
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record)
+        line = json.dumps(finite_or_none(record), allow_nan=False)  # strict JSON: a NaN metric is null
         self.lines.append(line)
         if self._local:
             self._local.write(line + "\n")
