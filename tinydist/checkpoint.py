@@ -38,7 +38,7 @@ from tinydist.divergence import DivergedError, nonfinite_tensors
 from tinydist.exitcodes import TransientError
 from tinydist.lease import Lease
 from tinydist.peers import Peers
-from tinydist.storage import TMP_TAG, Storage, StorageError, StorageFullError, megabytes, parse_size
+from tinydist.storage import TMP_TAG, Storage, StorageError, StorageFullError, StorageRefusedError, megabytes, parse_size
 
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE
 
@@ -78,13 +78,13 @@ class _Attempt:
         for name in reversed(self.written):
             try:
                 self.storage.remove(f"{self.folder}/{name}")
-            except StorageError:
+            except (StorageError, StorageRefusedError):
                 return  # storage down: cleanup() removes the rest after the next commit or start
         if self.remove_empty_folder:  # with several ranks another may be writing into it right now
             try:
                 if not self.storage.sizes(self.folder):
                     self.storage.remove(self.folder, recursive=True)
-            except StorageError:
+            except (StorageError, StorageRefusedError):
                 pass
 
 
@@ -425,7 +425,7 @@ class Checkpointer:
                  f"{time.monotonic() - t0:.1f} s after save()")
         try:
             self.cleanup()
-        except StorageError as e:  # the commit stands; leftovers go at the next cleanup
+        except (StorageError, StorageRefusedError) as e:  # the commit stands; leftovers go at the next cleanup
             self.log(f"could not clean up {self.directory} after the commit ({e})")
 
     def _wait_for_parts(self, name: str, step: int, cancel: threading.Event) -> list[dict]:

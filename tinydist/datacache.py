@@ -305,7 +305,7 @@ def _detach(parent: Optional[int]) -> None:
     if _DETACHED_PID == os.getpid():
         return
     _DETACHED_PID = os.getpid()
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):  # the stop signals but INT (below)
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

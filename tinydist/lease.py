@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional
 
 from tinydist import config as config_lib
 from tinydist.config import Config, ConfigError
-from tinydist.exitcodes import TransientError
-from tinydist.storage import Storage, StorageError
+from tinydist.exitcodes import PermanentError, TransientError
+from tinydist.storage import Storage, StorageError, StorageRefusedError
 
 LEASE = "LEASE.json"
 
@@ -144,7 +144,7 @@ class Lease:
                 if failing:
                     self.log(f"lease on {self.storage.url}: heartbeat written again")
                 failing = False
-            except StorageError as e:  # an outage: the checkpoint saves report it; say it once here
+            except (StorageError, StorageRefusedError) as e:  # the checkpoint saves report it; say it once here
                 if not failing:
                     self.log(f"lease heartbeat failed ({e}); retrying")
                 failing = True
@@ -173,7 +173,7 @@ class Lease:
             now = self._read()
             if now is not None and now.get("holder") == self.token:
                 self.storage.remove(LEASE)
-        except StorageError as e:
+        except (StorageError, StorageRefusedError) as e:
             self.log(f"could not release the lease on {self.storage.url} ({e}); the next job takes it over "
                      f"once it is {self.ttl_s:g} s stale")
 
@@ -191,7 +191,7 @@ def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any) -> Optional[Leas
                 lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
                               ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
                 lease.acquire()
-        except (ConfigError, TransientError) as e:
+        except (PermanentError, TransientError) as e:  # every rank must learn it, whichever it is
             error = e
     _, failed, _ = stop.agreed(peers, fault=error is not None)
     if error is not None:

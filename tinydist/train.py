@@ -301,12 +301,13 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             checkpointer.wait()
         except DivergedError as e:  # the last save found what the last log step could not yet see
             raise guard.error(str(e), e.step or step, checkpointer.last_commit) from None
-        runlog.finish(preempted=exit_code == EXIT_PREEMPTED)  # the curves are whole before the export draws them
-        runlog = None
+        runlog.flush()  # the curves the export draws are whole
         if exit_code == EXIT_OK:
             exit_code = finish(cfg, checkpointer, bare_model, ema, step, metrics, train_data.classes,
                                accelerator.is_main_process, say)
         accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
+        runlog.finish(preempted=exit_code == EXIT_PREEMPTED)  # last: it ends the process group too
+        runlog = None
         return exit_code
     finally:  # whatever escapes: handlers back, the save finished or abandoned, trackers and lease closed
         stop_watching()
