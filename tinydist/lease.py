@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Optional
 
 from tinydist import config as config_lib
-from tinydist.config import Config, ConfigError
+from tinydist.config import Config
 from tinydist.exitcodes import PermanentError, TransientError
 from tinydist.storage import Storage, StorageError, StorageRefusedError
 
