@@ -130,9 +130,24 @@ def test_out_option_and_missing_metrics(tmp_path: Path) -> None:
     assert_png(tmp_path / "elsewhere.png")
     assert not (run / "curves.png").exists()
 
-    proc = run_report(tmp_path / "nothing-here")
-    assert proc.returncode == 2
-    assert "metrics.jsonl not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_run_dir_or_metrics_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Under cli.run: the contract's code for "no rerun fixes it", one line naming the path and what it
+    should be, no traceback."""
+    missing = tmp_path / "nothing-here"
+    proc = run_report(missing)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"error: {missing}/metrics.jsonl not found: {missing} does not exist; give a run's train.output_dir "
+        "(the folder training writes metrics.jsonl, checkpoints/ and model/ into)"]
+
+    (tmp_path / "empty").mkdir()
+    proc = run_report(tmp_path / "empty")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"{tmp_path}/empty holds no metrics.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+    assert report.main([str(missing)]) == 2  # the same in process: a code, never a raise
 
 
 def test_without_matplotlib_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -267,6 +282,139 @@ def test_empty_metrics_file_still_draws(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", [])
     assert report.main([str(run)]) == 0
     assert_png(run / "curves.png")
+
+
+# --- the EMA and flip TTA ---------------------------------------------------------------------------
+
+
+def with_ema(records: list[dict[str, Any]], flip: bool = False) -> list[dict[str, Any]]:
+    """val_ema/* (and */top1_flip, */top5_flip) beside every val/* record, as train.py logs them."""
+    out = []
+    for r in records:
+        r = dict(r)
+        if "val/top1" in r:
+            r.update({"val_ema/loss": r["val/loss"] * 0.8, "val_ema/top1": min(1.0, r["val/top1"] + 0.04),
+                      "val_ema/top5": min(1.0, r["val/top5"] + 0.01)})
+            if flip:
+                r.update({"val/top1_flip": r["val/top1"] + 0.01, "val/top5_flip": r["val/top5"],
+                          "val_ema/top1_flip": r["val_ema/top1"] + 0.01, "val_ema/top5_flip": r["val_ema/top5"]})
+        out.append(r)
+    return out
+
+
+def curve(fig: Any, key: str) -> Any:
+    found = lines_by_gid(fig, f"curve-{key}")
+    assert len(found) == 1, key
+    return found[0]
+
+
+def test_ema_curves_are_drawn_beside_the_raw_ones(tmp_path: Path) -> None:
+    records = with_ema(smoke_like((PREEMPTED, RESUMED)))
+    run = write_run(tmp_path / "run", records)
+    assert report.main([str(run)]) == 0
+    assert_png(run / "curves.png")
+
+    fig, _ = report.build_figure(report.read_metrics(str(run)), "run")
+    ax_loss, ax_acc = fig.axes
+    evals = [r for r in records if "val_ema/top1" in r]
+    assert len(evals) == 10
+    for key, ax in (("val_ema/loss", ax_loss), ("val_ema/top1", ax_acc), ("val_ema/top5", ax_acc)):
+        ema, raw = curve(fig, key), curve(fig, key.replace("val_ema/", "val/"))
+        assert ema.axes is ax and raw.axes is ax
+        assert list(ema.get_xdata()) == [r["epoch"] for r in evals]
+        assert list(ema.get_ydata()) == [r[key] for r in evals]
+        # Told apart from the raw curve of the same metric by its style, and named in the legend.
+        assert ema.get_linestyle() != raw.get_linestyle()
+        assert ema.get_markerfacecolor() != raw.get_markerfacecolor()
+        assert key in legend_texts(fig)
+    # Nothing about flip TTA when the run did not log it.
+    assert not [t for t in legend_texts(fig) if "flip" in t]
+
+    # A run without the EMA: no EMA line, no EMA legend entry.
+    fig, _ = report.build_figure(smoke_like(), "run")
+    assert not [line for ax in fig.axes for line in ax.get_lines() if "val_ema" in (line.get_gid() or "")]
+    assert not [t for t in legend_texts(fig) if "val_ema" in t]
+
+
+def test_flip_tta_top1_is_drawn_top5_is_not() -> None:
+    records = with_ema(smoke_like(), flip=True)
+    fig, _ = report.build_figure(records, "run")
+    for key in ("val/top1_flip", "val_ema/top1_flip"):
+        line = curve(fig, key)
+        assert line.axes is fig.axes[1]
+        assert list(line.get_ydata()) == [r[key] for r in records if key in r]
+        assert line.get_linestyle() not in (curve(fig, "val/top1").get_linestyle(),
+                                            curve(fig, "val_ema/top1").get_linestyle())
+        assert key in legend_texts(fig)
+    # Top-5 with flips sits at ~1.0 on top of the plain top-5: left out, so the plot stays readable.
+    assert not lines_by_gid(fig, "curve-val/top5_flip") and not lines_by_gid(fig, "curve-val_ema/top5_flip")
+    # Curve colours never reuse an event line's colour.
+    from matplotlib.colors import to_hex
+    events = {to_hex(c) for c in (report.PREEMPTED, report.RESUMED, report.UNPAIRED)}
+    assert not {to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines()
+                if (line.get_gid() or "").startswith("curve-")} & events
+
+
+def test_legend_rows_fit_the_figure_with_every_curve() -> None:
+    records = with_ema(smoke_like((PREEMPTED, RESUMED, RERUN), first_val_loss=1047.3), flip=True)
+    fig, _ = report.build_figure(records, "run")
+    _, renderer = pixels(fig)
+    width = fig.bbox.width
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= width, [t.get_text() for t in legend.get_texts()]
+
+
+def test_a_clipped_val_and_ema_loss_of_one_eval_share_a_mark_and_do_not_overlap() -> None:
+    records = with_ema(smoke_like(first_val_loss=1047.3))  # val_ema/loss 837.8 at epoch 1: clipped too
+    fig, summary = report.build_figure(records, "run")
+    assert [(c["key"], c["epoch"]) for c in summary["clipped"]] == [("val/loss", 1.0), ("val_ema/loss", 1.0)]
+    assert "1 val_ema loss above the axis (837.8 at step 24)" in summary["notes"]
+    assert len(lines_by_gid(fig, "clipped-loss")) == 1  # one mark at epoch 1
+    _, renderer = pixels(fig)
+    texts = [t for t in fig.axes[0].texts if t.get_gid() == "clipped-loss-value"]
+    assert [t.get_text() for t in texts] == ["1047", "EMA 837.8"]
+    a, b = (t.get_window_extent(renderer) for t in texts)
+    assert a.x1 <= b.x0  # side by side, not on top of each other
+
+
+# --- the loss axis's labels ------------------------------------------------------------------------
+
+
+def loss_tick_labels(fig: Any) -> list[tuple[float, str, Any]]:
+    """(y, text, box) of each labelled tick drawn on the loss axis, bottom up."""
+    _, renderer = pixels(fig)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    ticks = [t for t in ax.yaxis.get_major_ticks() if t.label1.get_visible() and t.label1.get_text()]
+    return sorted((t.get_loc(), t.label1.get_text(), t.label1.get_window_extent(renderer))
+                  for t in ticks if low <= t.get_loc() <= high)
+
+
+@pytest.mark.parametrize("train, val", [
+    ([2.4, 1.2, 0.6, 0.3], [2.6, 0.4, 0.1, 0.07]),  # the smoke recipe: 0.07..2.6, ~1.6 decades
+    ([5.3, 4.1, 3.0, 2.2, 1.5], [5.0, 3.6, 2.4, 1.7]),  # Tiny ImageNet, 100 epochs: half a decade
+    ([0.45, 0.40, 0.36, 0.33], [0.42, 0.38, 0.35]),  # a resumed tail: inside a factor of 1.5
+    ([900.0, 50.0, 3.0, 0.01], [400.0, 2.0, 0.02]),  # five decades
+])
+def test_the_loss_axis_has_enough_readable_labels(train: list[float], val: list[float]) -> None:
+    records = [{"step": s, "epoch": float(s), "train/loss": v} for s, v in enumerate(train, 1)]
+    records += [{"step": s, "epoch": float(s), "val/loss": v} for s, v in enumerate(val, 1)]
+    fig, _ = report.build_figure(records, "run")
+    assert fig.axes[0].get_yscale() == "log"
+    labels = loss_tick_labels(fig)
+    assert report.MIN_LOSS_LABELS == 4 and 4 <= len(labels) <= 12, [t for _, t, _ in labels]
+    for y, text, _ in labels:  # each label is the plain number at its tick
+        assert math.isclose(float(text), y, rel_tol=0.01), (text, y)
+    for (_, _, below), (_, _, above) in zip(labels, labels[1:]):
+        assert below.y1 <= above.y0  # no two labels overlap
+
+
+def test_log_ticks() -> None:
+    assert report.log_ticks(0.07, 4.7) == [0.1, 0.2, 0.5, 1.0, 2.0]
+    assert report.log_ticks(1.5, 5.3) == [2.0, 3.0, 4.0, 5.0]
+    assert report.log_ticks(0.001, 1000) == [0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+    assert len(report.log_ticks(2.0, 2.3)) >= 4 and report.log_ticks(1.0, 1.0) == []
 
 
 # --- curves_png: the picture in the exported model's folder ------------------------------------------

@@ -17,8 +17,23 @@ from typing import Any, Optional, Sequence
 
 import fsspec
 
-INSTALL_HINT = "error: the report needs matplotlib: pip install -e '.[report]'"
-LOSS_KEYS = ("train/loss", "val/loss")
+from tinydist import cli
+from tinydist.exitcodes import PermanentError
+
+INSTALL_HINT = "the report needs matplotlib: pip install -e '.[report]'"
+LOSS_KEYS = ("train/loss", "val/loss", "val_ema/loss")
+# Colour says which metric, style which weights: raw solid with filled markers, the EMA (val_ema/*, on in
+# both recipes) dashed with hollow markers. Flip TTA (cyan, dotted: green and purple are event lines) is
+# drawn for top-1 only: top-5 sits near 1.0, where two more curves would only hide the others.
+# (key, colour, line style, marker, hollow marker)
+LOSS_CURVES = (("train/loss", "C0", "-", "", False), ("val/loss", "C1", "-", "o", False),
+               ("val_ema/loss", "C1", "--", "o", True))
+ACCURACY_CURVES = (("val/top1", "C0", "-", "o", False), ("val/top5", "C1", "-", "s", False),
+                   ("val_ema/top1", "C0", "--", "o", True), ("val_ema/top5", "C1", "--", "s", True),
+                   ("val/top1_flip", "C9", ":", "^", False), ("val_ema/top1_flip", "C9", ":", "^", True))
+# A log axis labels only powers of 10 by default: a loss going from 5 to 0.07 would read "1" and "0.1"
+# and nothing else. Labelled ticks at 1-2-5 or every integer multiple, whichever first gives this many.
+MIN_LOSS_LABELS = 4
 # The loss axis spans every loss up to CLIP_FACTOR times a robust reference (the 95th percentile of
 # the train loss, or the median val loss if that is higher); a loss above is drawn off the top edge
 # and marked there. One wild early eval (BN statistics of a few steps) must not flatten the curves.
@@ -30,9 +45,21 @@ PREEMPTED, RESUMED, UNPAIRED = "tab:red", "tab:green", "tab:purple"
 PREEMPTED_DASHES, RESUMED_DASHES = (0, (5, 5)), (5, (5, 5))
 
 
+class ReportError(PermanentError):
+    """Nothing to draw from, or nothing to draw with: no rerun fixes it (exit 2, one line, via cli.run)."""
+
+
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     with fsspec.open(f"{run_dir.rstrip('/')}/metrics.jsonl", "r") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _missing_metrics(run_dir: str) -> ReportError:
+    run_dir = run_dir.rstrip("/") or "/"
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    where = f"{run_dir} does not exist" if not fs.exists(path) else f"{run_dir} holds no metrics.jsonl"
+    return ReportError(f"{run_dir}/metrics.jsonl not found: {where}; give a run's train.output_dir "
+                       "(the folder training writes metrics.jsonl, checkpoints/ and model/ into)")
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -115,7 +142,9 @@ def title_for(name: str, found: list[Stop]) -> str:
 
 
 def loss_clip(records: list[dict[str, Any]]) -> tuple[Optional[float], list[dict[str, Any]]]:
-    """(threshold, losses above it) for the loss axis; (None, []) when nothing needs clipping."""
+    """(threshold, losses above it) for the loss axis; (None, []) when nothing needs clipping. The EMA's
+    val loss is clipped at the same threshold but does not set it (its early evals average weights from
+    the first steps: a reference that would follow them would not clip anything)."""
     train = [r["train/loss"] for r in records if _finite_positive(r.get("train/loss"))]
     val = [r["val/loss"] for r in records if _finite_positive(r.get("val/loss"))]
     references = []
@@ -161,6 +190,41 @@ def clip_notes(clipped: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def log_ticks(low: float, high: float) -> list[float]:
+    """Labelled ticks for a log axis from low to high: powers of 10 when they alone give MIN_LOSS_LABELS
+    or more, else 1-2-5, else every integer multiple (1..9), else (an axis inside a factor of ~2)
+    evenly spaced round values."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not (0 < low < high and math.isfinite(high)):
+        return []
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    ticks: list[float] = []
+    for subs in ((1,), (1, 2, 5), range(1, 10)):
+        ticks = [float(f"{m * 10.0 ** e:.12g}") for e in range(first, last + 1) for m in subs]
+        ticks = [t for t in ticks if low <= t <= high]
+        if len(ticks) >= MIN_LOSS_LABELS:
+            return ticks
+    even = [float(f"{t:.12g}") for t in MaxNLocator(nbins=MIN_LOSS_LABELS + 1).tick_values(low, high)]
+    even = [t for t in even if low <= t <= high]
+    return even if len(even) > len(ticks) else ticks
+
+
+def _label_log_axis(ax: Any) -> None:
+    """Fixes the loss axis's labelled ticks for its final limits (log_ticks); unlabelled minor ticks at
+    every integer multiple stay. Call once the limits are set."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    ticks = log_ticks(low, high)
+    if not ticks:
+        return
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=100))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[str, Any]]:
     """The picture as a matplotlib Figure (not drawn anywhere yet), and what it says:
     {"title", "preemptions", "resumes", "unpaired_resumes", "stops": [str], "clipped": [...], "notes": [str],
@@ -168,6 +232,7 @@ def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[st
     from matplotlib.figure import Figure
     from matplotlib.legend_handler import HandlerTuple
     from matplotlib.lines import Line2D
+    from matplotlib.textpath import TextPath
 
     found = stops(records)
     threshold, clipped = loss_clip(records)
@@ -180,17 +245,22 @@ def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[st
 
     fig = Figure(figsize=(11, 4.2))  # grown below once the legend rows and footer lines are known
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
-        ax_loss.plot(*series(records, key), style, label=key, markersize=3)
-    for key, style in (("val/top1", "o-"), ("val/top5", "s-")):
-        ax_acc.plot(*series(records, key), style, label=key, markersize=3)
+    curves: dict[str, Any] = {}
+    for ax, specs in ((ax_loss, LOSS_CURVES), (ax_acc, ACCURACY_CURVES)):
+        for key, colour, dashes, marker, hollow in specs:
+            x, y = series(records, key)
+            if x:  # a metric the run did not log (EMA or flip TTA off) gets no line and no legend entry
+                curves[key], = ax.plot(x, y, color=colour, linestyle=dashes, marker=marker or None, markersize=3.5,
+                                       markerfacecolor="white" if hollow else colour, label=key, gid=f"curve-{key}")
     # A little headroom above 1: a top-5 curve at 1.0 is not hidden under the frame.
     ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
     # Room above each axes for the event tags and clipped-loss values, between the frame and the title.
     ax_loss.set_title("loss", pad=14)
     ax_acc.set_title("validation accuracy", pad=14)
-    curve_handles: list[Any] = [*ax_loss.get_lines(), *ax_acc.get_lines()]
+    # One legend row per plot: the accuracy plot's six curves and the loss plot's would not fit in one.
+    loss_handles: list[Any] = list(ax_loss.get_lines())
+    acc_handles: list[Any] = list(ax_acc.get_lines())
     event_handles: list[Any] = []
 
     if clipped:
@@ -200,15 +270,23 @@ def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[st
         bottom = min(kept) / 1.6 if kept else threshold / 100
         ax_loss.set_ylim(bottom, top)
         edge = ax_loss.get_xaxis_transform()  # x in epochs, y in axes fraction: 1 is the top edge
+        # The raw and the EMA val loss of one eval are often clipped together (same colour, same epoch):
+        # one triangle, their values side by side after it, the EMA's said.
+        after: dict[float, float] = {}  # epoch -> points right of it where the next value goes
         for c in clipped:
-            colour = ax_loss.get_lines()[LOSS_KEYS.index(c["key"])].get_color()
-            ax_loss.plot([c["epoch"]], [1.0], "^", color=colour, markersize=7, markeredgecolor="black",
-                         transform=edge, clip_on=False, zorder=5, gid="clipped-loss")
-            ax_loss.annotate(f"{c['value']:.4g}", (c["epoch"], 1.0), xycoords=edge, xytext=(6, 1),
+            colour = curves[c["key"]].get_color()
+            text = f"{'EMA ' if c['key'].startswith('val_ema/') else ''}{c['value']:.4g}"
+            if c["epoch"] not in after:
+                ax_loss.plot([c["epoch"]], [1.0], "^", color=colour, markersize=7, markeredgecolor="black",
+                             transform=edge, clip_on=False, zorder=5, gid="clipped-loss")
+            dx = after.setdefault(c["epoch"], 6.0)
+            ax_loss.annotate(text, (c["epoch"], 1.0), xycoords=edge, xytext=(dx, 1),
                              textcoords="offset points", ha="left", va="bottom", fontsize=7, color=colour,
                              annotation_clip=False, gid="clipped-loss-value")
-        curve_handles.append(Line2D([], [], linestyle="none", marker="^", color="gray", markeredgecolor="black",
-                                    label="loss above the axis (below)"))
+            after[c["epoch"]] = dx + TextPath((0, 0), text, size=7).get_extents().width + 5
+        loss_handles.append(Line2D([], [], linestyle="none", marker="^", color="gray", markeredgecolor="black",
+                                   label="loss above the axis (below)"))
+    _label_log_axis(ax_loss)
 
     # One continuous curve across restarts is the point; the marks show where the restarts were.
     def vline(x: float, colour: str, dashes: Any, gid: str) -> None:
@@ -254,7 +332,8 @@ def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[st
     fig.suptitle(title)
     # Inches, bottom up: the footer lines, the legend rows (curves; events), then the plots.
     line_h, row_h, margin = 0.17, 0.26, 0.08
-    rows = [r for r in ((curve_handles, [h.get_label() for h in curve_handles]), (event_handles, event_labels)) if r[0]]
+    rows = [r for r in ((loss_handles, [h.get_label() for h in loss_handles]),
+                        (acc_handles, [h.get_label() for h in acc_handles]), (event_handles, event_labels)) if r[0]]
     band = margin + line_h * len(footer) + row_h * len(rows)
     fig.set_figheight(4.2 + band)
     height = fig.get_figheight()
@@ -311,7 +390,7 @@ def curves_png(run_dir: str) -> Optional[bytes]:
         return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tinydist.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run's train.output_dir (holds metrics.jsonl)")
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
@@ -320,17 +399,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import matplotlib  # noqa: F401  (an optional dependency: say how to get it, not a traceback)
     except ImportError as e:  # not installed; or installed but broken (then say why, on the same line)
         missing = isinstance(e, ModuleNotFoundError) and e.name == "matplotlib"
-        print(INSTALL_HINT if missing else f"{INSTALL_HINT} (import matplotlib: {e})", file=sys.stderr)
-        return 2
+        raise ReportError(INSTALL_HINT if missing else f"{INSTALL_HINT} (import matplotlib: {e})") from e
     try:
         records = read_metrics(args.run_dir)
-    except FileNotFoundError:
-        print(f"error: {args.run_dir}/metrics.jsonl not found; expected a run's train.output_dir", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:
+        raise _missing_metrics(args.run_dir) from e
     out = args.out or f"{args.run_dir.rstrip('/')}/curves.png"
     render(records, out, args.run_dir)
     print(out)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":
