@@ -85,8 +85,6 @@ def lines_with(text: str, part: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs tinydist/launch.py to drop torch's 'failed (exitcode: 75)' line "
-                                       "(a logging.Filter on torch.distributed.elastic.multiprocessing.api)")
 @pytest.mark.parametrize("kind", ["ddp", "elastic"])
 def test_one_node_preemption_prints_no_failure(tmp_path: Path, kind: str) -> None:
     proc = run_script("one_node.sh", tmp_path, TRAIN_SCRIPT=stub(tmp_path), STUB_CODE=75, **two_processes(kind))
@@ -115,8 +113,6 @@ def test_one_node_real_failures_stay_visible(tmp_path: Path, kind: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs tinydist/launch.py to repeat the run's error line only after "
-                                       "torchrun printed its own (several processes), not after one process")
 def test_one_gpu_unreachable_hub_is_said_once(tmp_path: Path) -> None:
     """The default source (zh-plus/tiny-imagenet), offline and not cached: one error line, 69."""
     proc = run_script("one_gpu.sh", tmp_path, f"--data.cache_dir={tmp_path / 'cache'}",

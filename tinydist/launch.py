@@ -26,6 +26,7 @@ the training script builds its Accelerator from torchrun's environment as usual.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import shutil
@@ -115,6 +116,16 @@ def _recorded_codes(folder: str) -> list[int]:
     return [code for code, _ in _recorded(folder)]
 
 
+class _PreemptionIsNotAFailure(logging.Filter):
+    """torchrun's agent logs every worker exit but 0 as `failed (exitcode: N) ...` at ERROR
+    (torch.distributed.elastic.multiprocessing.api). 75 is the contract's "saved and stopped": that
+    line would make every preemption read as a failure. Other codes keep it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("failed (exitcode")
+                    and record.args and isinstance(record.args, tuple) and record.args[0] == EXIT_PREEMPTED)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The group's exit code (see group_exit_code); the launcher's own errors through cli.run."""
     handled = stop_signals()
@@ -149,7 +160,10 @@ def _launch(argv: list[str], handled: Sequence[int]) -> int:
     os.environ[EXIT_DIR_ENV] = folder
     # torchrun's default grace between forwarding SIGTERM and SIGKILL (30 s) can cut a save short.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "170")
-    fallback = 0
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_PreemptionIsNotAFailure())
+    # torchrun logs its own view of a failure after the ranks' last lines: only then is the run's
+    # error line repeated below it. One process (accelerate's plain subprocess) prints nothing after.
+    fallback, repeat = 0, False
     try:
         run(args)
     except subprocess.CalledProcessError as e:  # one process
@@ -157,9 +171,9 @@ def _launch(argv: list[str], handled: Sequence[int]) -> int:
     except SystemExit as e:  # one process with --quiet: accelerate exits 1 itself
         fallback = e.code if isinstance(e.code, int) else 1
     except ChildFailedError as e:  # several: torchrun
-        fallback = e.get_first_failure()[1].exitcode or 1
+        fallback, repeat = e.get_first_failure()[1].exitcode or 1, True
     except SignalException as e:  # torchrun was signalled; its ranks were told and have exited
-        fallback = 128 + int(e.sigval)
+        fallback, repeat = 128 + int(e.sigval), True
     finally:
         recorded = _recorded(folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -171,7 +185,7 @@ def _launch(argv: list[str], handled: Sequence[int]) -> int:
     code = group_exit_code([c for c, _ in recorded], fallback if fallback >= 0 else 128 - fallback)
     # The run's own one-line error, last, below torchrun's tracebacks: the first rank that gave this code.
     message = next((m for c, m in recorded if c == code and m), "")
-    if message:
+    if message and repeat:
         print(message, file=sys.stderr)
     print(f"tinydist.launch: training exited with {code}", file=sys.stderr)
     return code
