@@ -8,7 +8,7 @@
 #     0 finished | 75 saved and stopped (relaunch) | 69 transient (relaunch with backoff)
 #     | 2 configuration error (never relaunch) | anything else: crash
 #   tinydist.launch is `accelerate launch` (same flags) that keeps those codes (accelerate alone
-#   turns every failure into 1), forwards TERM/INT/USR1 to the training processes and outlives
+#   turns every failure into 1), forwards TERM/INT/USR1/HUP to the training processes and outlives
 #   them; see tinydist/launch.py. It never returns: call it last.
 #
 # Environment (all optional):
@@ -72,7 +72,7 @@ tinydist_launch() {
 	done
 	(($#)) && shift
 	# exec, not a child: no shell is left between the launcher and its signals, and so none that
-	# would have to ignore TERM/INT/USR1 to outlive the training and report its code.
+	# would have to ignore TERM/INT/USR1/HUP to outlive the training and report its code.
 	# - SLURM (--signal without B:) sends USR1 to every process of the step: a shell here, with
 	#   bash's default action for USR1, would die at once; srun would then take the step for ended
 	#   and kill the ranks in the middle of their save. tinydist.launch handles USR1 (forwards it).

@@ -6,7 +6,7 @@
 # Environment: CONFIG, OUTPUT_DIR, CHECKPOINT_DIR, RUN_NAME, ACCELERATE_ARGS (see launch/common.sh).
 # Exit codes (the training program's own, see launch/common.sh):
 #   0 finished | 75 saved and stopped: relaunch to resume | 2 configuration error | other: crash
-# Ctrl-C / SIGTERM / SIGUSR1, to this script's process (it becomes the launcher) or to all of its
+# Ctrl-C / SIGTERM / SIGUSR1 / SIGHUP, to this script's process (it becomes the launcher) or to all of its
 # processes, reach the training process, which saves at the next step and exits 75.
 set -euo pipefail
 # shellcheck source=launch/common.sh

@@ -57,6 +57,7 @@ forward() {
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+trap 'forward HUP' HUP  # the terminal closed: the same stop (ignored, and left so, under nohup)
 
 # A sleep that a signal cuts short (a foreground sleep would hold the trap until it ends).
 pause() {
