@@ -1,4 +1,4 @@
-"""tinydist.augment: batched crop + flip + normalise, drawn from (seed, epoch, micro-batch index)."""
+"""tinydist.data.augment: batched crop + flip + normalise, drawn from (seed, epoch, micro-batch index)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinydist.augment import (IMAGENET_MEAN, IMAGENET_STD, batch_generator, crop_flip_params,
+from tinydist.data.augment import (IMAGENET_MEAN, IMAGENET_STD, batch_generator, crop_flip_params,
                               eval_transform, to_device, train_transform)
 
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))  # about -2.118

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from tinydist import bench
+from tinydist.bench import suite as bench
 from train_helpers import PYTHON, describe, run, train_env
 
 QUICK = "not shown (quick sizes: ratios mean nothing)"

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from tinydist import cadence
-from tinydist.cadence import SaveClock, parse_every_minutes, young_daly_minutes
+from tinydist.loop import cadence
+from tinydist.loop.cadence import SaveClock, parse_every_minutes, young_daly_minutes
 from tinydist.config import ConfigError, load_config
 from train_helpers import describe, run_train, tiny_args
 

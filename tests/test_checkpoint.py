@@ -1,4 +1,4 @@
-"""tinydist.checkpoint: round trips, HF layout, async saves, retention, corruption, two ranks, S3 (moto)."""
+"""tinydist.ckpt.checkpointer: round trips, HF layout, async saves, retention, corruption, two ranks, S3 (moto)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import torchvision
 
 from faultinject import make_bucket, reseal
-from tinydist.checkpoint import Checkpointer, CheckpointError, parse_size
-from tinydist.ckpt_format import DamagedCheckpointError, InvalidCheckpointError
-from tinydist.exitcodes import TransientError
+from tinydist.ckpt.checkpointer import Checkpointer, CheckpointError, parse_size
+from tinydist.ckpt.layout import DamagedCheckpointError, InvalidCheckpointError
+from tinydist.runtime.exitcodes import TransientError
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 

@@ -25,10 +25,15 @@ from typing import Iterator
 import pytest
 
 from faultinject import aws_test_env, free_port
-from tinydist import bench, config, evaluate, launch, predict, preempt
-from tinydist.cli import exit_code_for
-from tinydist.exitcodes import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_TRANSIENT, PermanentError
-from tinydist.storage import Storage, StorageError, StorageRefusedError
+from tinydist.bench import suite as bench
+from tinydist import config
+from tinydist.loop import evaluate
+from tinydist.runtime import launch
+from tinydist.export import predict
+from tinydist.runtime import preempt
+from tinydist.runtime.cli import exit_code_for
+from tinydist.runtime.exitcodes import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_TRANSIENT, PermanentError
+from tinydist.ckpt.storage import Storage, StorageError, StorageRefusedError
 from train_helpers import (PYTHON, REPO, SMOKE, committed_checkpoints, describe, error_lines, run, run_train,
                            tiny_args, train_env)
 
@@ -65,12 +70,19 @@ def test_every_console_script_points_at_an_importable_main() -> None:
         assert inspect.signature(main).parameters["argv"].default is None, target
 
 
-def test_every_module_run_with_python_m_is_a_console_script_or_reached_through_one() -> None:
-    through_bench = {"tinydist.bench_gpu", "tinydist.bench_quality"}  # `tinydist-bench gpu`, `tinydist-bench quality`
-    runnable = {f"tinydist.{p.stem}" for p in (REPO / "tinydist").glob("*.py")
-                if 'if __name__ == "__main__":' in p.read_text()}
-    targets = {target.partition(":")[0] for target in console_scripts().values()}
-    assert runnable - through_bench == targets
+def test_every_module_run_with_python_m_is_a_console_script() -> None:
+    """`python -m tinydist.X` (a module with a __main__ block, or a package with __main__.py) and its console
+    script run the same main."""
+    root = REPO / "tinydist"
+    runnable = {f"tinydist.{p.stem}" for p in root.glob("*.py") if 'if __name__ == "__main__":' in p.read_text()}
+    runnable |= {f"tinydist.{p.parent.name}" for p in root.glob("*/__main__.py")}
+    mains = {}
+    for name in runnable:
+        module = importlib.import_module(name + (".__main__" if (root / name.split(".")[1]).is_dir() else ""))
+        mains[name] = module.main
+    targets = {getattr(importlib.import_module(t.partition(":")[0]), "main") for t in console_scripts().values()}
+    assert {name for name, main in mains.items() if main not in targets} == set()
+    assert len(runnable) == len(console_scripts()), (sorted(runnable), console_scripts())
 
 
 # ---- each entry point: its own errors through cli.run ---------------------------------------------------------
@@ -87,8 +99,8 @@ def signal_handlers() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-ENTRY_POINTS = ["tinydist.train", "tinydist.launch", "tinydist.evaluate", "tinydist.predict", "tinydist.data",
-                "tinydist.config", "tinydist.report", "tinydist.bench", "tinydist.bench_gpu", "tinydist.bench_quality"]
+ENTRY_POINTS = ["tinydist.train", "tinydist.launch", "tinydist.evaluate", "tinydist.predict", "tinydist.data.cache",
+                "tinydist.config", "tinydist.report", "tinydist.bench.suite", "tinydist.bench.gpu", "tinydist.bench.quality"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -150,8 +162,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An untrained model exported as training would (config.json carries the run's config): digits at
     16 px, its decode cache in a temp folder, 64 images per scored split."""
     from tinydist.config import load_config
-    from tinydist.export import export_model
-    from tinydist.model import build_model
+    from tinydist.export.writer import export_model
+    from tinydist.model.build import build_model
 
     root = tmp_path_factory.mktemp("evaluate")
     cfg = load_config(["--config", SMOKE, "--data.image_size=16", f"--data.cache_dir={root / 'cache'}",
@@ -296,7 +308,7 @@ def test_read_only_file_system_is_permanent_not_transient(read_only: Path) -> No
 def test_a_save_to_a_read_only_checkpoint_dir_is_not_retried_as_an_outage(read_only: Path) -> None:
     import torch
 
-    from tinydist.checkpoint import Checkpointer
+    from tinydist.ckpt.checkpointer import Checkpointer
 
     model = torch.nn.Linear(4, 2)
     logs: list[str] = []
@@ -311,8 +323,8 @@ def test_a_save_to_a_read_only_checkpoint_dir_is_not_retried_as_an_outage(read_o
 @pytest.mark.parametrize("key", ["checkpoint.dir", "train.output_dir"])
 def test_read_only_location_is_refused_before_training_by_rank_0(read_only: Path, tmp_path: Path, key: str) -> None:
     from tinydist.config import ConfigError, load_config
-    from tinydist.lease import claim_storage
-    from tinydist.peers import Peers
+    from tinydist.ckpt.lease import claim_storage
+    from tinydist.runtime.peers import Peers
 
     location = read_only / "run"
     cfg = load_config([f"--train.output_dir={tmp_path / 'out'}", f"--checkpoint.dir={tmp_path / 'ck'}",
@@ -392,7 +404,7 @@ sys.exit(train.main(sys.argv[2:]))
 
 @pytest.mark.slow  # a training process
 def test_sighup_saves_at_the_step_boundary_and_exits_75(tmp_path: Path, cache_dir: str) -> None:
-    from tinydist.checkpoint import Checkpointer
+    from tinydist.ckpt.checkpointer import Checkpointer
 
     driver = tmp_path / "driver.py"
     driver.write_text(HUP_DRIVER)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tinydist.config import ModelConfig
-from tinydist.model import BNStatistics, build_model
+from tinydist.model.build import BNStatistics, build_model
 from train_helpers import describe, load_model_dir, run_train, tiny_args
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from tinydist.config import (Config, ConfigError, accumulation_steps, all_keys, checkpoint_dir, get, load_config, to_dict,
                              to_yaml)
-from tinydist.sampler import GlobalSampler
+from tinydist.data.sampler import GlobalSampler
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")

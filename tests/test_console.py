@@ -9,7 +9,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from tinydist.console import Console
+from tinydist.loop.console import Console
 from train_helpers import PYTHON, describe, run, run_train, tiny_args, train_env
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step \d+/\d+ epoch ")

@@ -154,10 +154,10 @@ def test_sigterm_then_resume_on_the_gpu_is_bitwise_identical(cache_dir: str, tmp
 
 
 def test_save_of_a_cuda_model_snapshots_into_pinned_buffers_and_loads_back_bitwise(tmp_path: Path) -> None:
-    from tinydist.checkpoint import Checkpointer
+    from tinydist.ckpt.checkpointer import Checkpointer
     from tinydist.config import ModelConfig, OptimConfig
-    from tinydist.model import build_model
-    from tinydist.optim import build_optimizer
+    from tinydist.model.build import build_model
+    from tinydist.model.optim import build_optimizer
 
     device = torch.device(DEVICE)
 
@@ -214,7 +214,7 @@ def test_compiled_model_on_the_gpu_computes_eager_gradients() -> None:
     import copy
 
     from tinydist.config import ModelConfig
-    from tinydist.model import build_model
+    from tinydist.model.build import build_model
 
     device = torch.device(DEVICE)
     torch.manual_seed(0)

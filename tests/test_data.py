@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import fixtures as fx
-from tinydist import data
+from tinydist.data import cache as data
 from tinydist.config import ConfigError, DataConfig
-from tinydist.data import DataError, load_split, open_source
-from tinydist.exitcodes import TransientError
+from tinydist.data.cache import DataError, load_split, open_source
+from tinydist.runtime.exitcodes import TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ["hub parquet", "parquet without README", "tiny-imagenet-200", "save_to_disk"]

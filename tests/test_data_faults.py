@@ -18,10 +18,14 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tinydist import cli, data, datacache
+from tinydist.runtime import cli
+
+from tinydist.data import cache as data
+
+from tinydist.data import cache_files as datacache
 from tinydist.config import ConfigError, DataConfig
-from tinydist.data import DataError, load_split, open_source
-from tinydist.exitcodes import EXIT_CONFIG, EXIT_TRANSIENT, TransientError
+from tinydist.data.cache import DataError, load_split, open_source
+from tinydist.runtime.exitcodes import EXIT_CONFIG, EXIT_TRANSIENT, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN = 1498
@@ -364,7 +368,7 @@ stop = []  # like preempt.StopFlag: the handlers only set a flag
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
     signal.signal(s, lambda signum, frame: stop.append(signum))
 from tinydist.config import DataConfig
-from tinydist.data import load_split
+from tinydist.data.cache import load_split
 load_split(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2], image_size=32, num_proc=2), "train", log=print)
 print("finished: the build was too quick for this test", flush=True)
 """

@@ -20,10 +20,10 @@ import safetensors.torch
 import torch
 import torchvision
 
-from tinydist.checkpoint import Checkpointer
-from tinydist.cli import exit_code_for
-from tinydist.divergence import DivergedError, DivergenceGuard, finite_or_none, nonfinite_tensors
-from tinydist.exitcodes import EXIT_CONFIG
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.runtime.cli import exit_code_for
+from tinydist.loop.divergence import DivergedError, DivergenceGuard, finite_or_none, nonfinite_tensors
+from tinydist.runtime.exitcodes import EXIT_CONFIG
 from train_helpers import REPO, committed_checkpoints, describe, error_lines, run, run_train, tiny_args, train_env
 
 

@@ -1,4 +1,4 @@
-"""tinydist.ema: timm-style decay with warm-up, one foreach update, buffers taken from the model."""
+"""tinydist.model.ema: timm-style decay with warm-up, one foreach update, buffers taken from the model."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tinydist.config import EmaConfig, ModelConfig
-from tinydist.ema import ModelEma
-from tinydist.model import build_model
+from tinydist.model.ema import ModelEma
+from tinydist.model.build import build_model
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:

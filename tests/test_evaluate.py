@@ -1,4 +1,4 @@
-"""tinydist.evaluate.evaluate: plain metrics, flip TTA as its own metric, a prefix for the EMA."""
+"""tinydist.loop.evaluate.evaluate: plain metrics, flip TTA as its own metric, a prefix for the EMA."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinydist.augment import eval_transform
-from tinydist.evaluate import evaluate
+from tinydist.data.augment import eval_transform
+from tinydist.loop.evaluate import evaluate
 
 
 class Split:

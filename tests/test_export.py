@@ -1,5 +1,5 @@
 """The exported model folder (weights, config.json, model card) and the one verified reader of the
-sharded layout (tinydist.export.load_model_weights / load_export). In-process and fast: no training."""
+sharded layout (tinydist.export.writer.load_model_weights / load_export). In-process and fast: no training."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import torch
 
 from fixtures import CLASSES, WORDS, build_tiny_imagenet_folder
 
-from tinydist import export
-from tinydist.ckpt_format import CheckpointError
+from tinydist.export import writer as export
+from tinydist.ckpt.layout import CheckpointError
 from tinydist.config import Config, DataConfig, load_config
-from tinydist.export import export_model, load_export, load_model_weights
-from tinydist.labels import class_names
-from tinydist.model import build_model
+from tinydist.export.writer import export_model, load_export, load_model_weights
+from tinydist.export.labels import class_names
+from tinydist.model.build import build_model
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)  # only copied, never decoded
 PROVENANCE = {"weights": "ema", "selected": "best", "step": 40, "metrics": {"val/top1": 0.625, "val/loss": 1.25},
@@ -94,7 +94,7 @@ def test_card_preprocessing_matches_predict(tmp_path, monkeypatch):
     """The card's second block (preprocess + top-5) prints what `tinydist.predict` says."""
     from PIL import Image
 
-    from tinydist import predict
+    from tinydist.export import predict
 
     cfg = tiny_config(source=build_tiny_imagenet_folder(str(tmp_path / "data")))
     folder = tmp_path / "model"
@@ -132,7 +132,7 @@ def test_config_json_and_card(tmp_path):
     assert "| exported (ema weights, best) | 40 | 1.2500 | 0.6250 |" in card
     assert "| final | 50 | 1.5000 | 0.5000 |" in card and "| best by val/top1 | 40 |" in card
     assert "`cifar` stem (3x3 stride-1 conv1, no max-pool)" in card
-    # The verified reader gives back the same config and the run's config for tinydist.evaluate.
+    # The verified reader gives back the same config and the run's config for tinydist.loop.evaluate.
     _, read = load_export(str(folder))
     assert read == config
     assert load_model_weights(str(folder))[1] == config["train_config"]
@@ -226,7 +226,7 @@ def test_reader_refuses_a_bad_config_json(tmp_path):
 
 
 def _checkpoint(tmp_path: Path, ema: bool = False) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
-    from tinydist.checkpoint import Checkpointer
+    from tinydist.ckpt.checkpointer import Checkpointer
 
     cfg = tiny_config()
     model = trained_looking(build_model(cfg.model, 5))
@@ -256,7 +256,7 @@ def test_reader_verifies_checkpoints(tmp_path):
 
 
 def test_reader_reads_a_checkpoints_ema_weights(tmp_path):
-    from tinydist.checkpoint import Checkpointer
+    from tinydist.ckpt.checkpointer import Checkpointer
 
     if "ema" not in inspect.signature(Checkpointer.save).parameters:
         pytest.skip("checkpoints hold no EMA set yet")
@@ -270,7 +270,7 @@ def test_reader_reads_a_checkpoints_ema_weights(tmp_path):
 def test_curves_png_of_a_run(tmp_path):
     """What train.py hands export_model: a fresh drawing when matplotlib and metrics.jsonl are there,
     else the run's curves.png, else None; never an error."""
-    from tinydist.report import curves_png
+    from tinydist.export.report import curves_png
 
     assert curves_png(str(tmp_path)) is None
     (tmp_path / "curves.png").write_bytes(PNG)

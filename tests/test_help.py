@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 import fixtures as fx
-from tinydist import config, data
+from tinydist import config
+from tinydist.config import schema
+from tinydist.data import cache as data
 from tinydist.config import ConfigError, HelpRequested, all_keys, help_text, load_config
-from tinydist.data import DataError, open_source
-from tinydist.exitcodes import EXIT_CONFIG, TransientError
+from tinydist.data.cache import DataError, open_source
+from tinydist.runtime.exitcodes import EXIT_CONFIG, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180.0  # a subprocess that outlives this is hung (train.py imports torch first)
@@ -28,11 +30,12 @@ def flat(text: str) -> str:
 
 
 def source_comments() -> dict[str, str]:
-    """{dotted key: its comment}, read from config.py with plain line matching (not the ast/tokenize
+    """{dotted key: its comment}, read from config/schema.py with plain line matching (not the ast/tokenize
     reader under test): the `#` lines directly above each field of each section's dataclass."""
-    section_of = {cls: name for name, cls in re.findall(r"^    (\w+): (\w+Config) = field", Path(config.__file__).read_text(), re.M)}
+    source = Path(schema.__file__).read_text()
+    section_of = {cls: name for name, cls in re.findall(r"^    (\w+): (\w+Config) = field", source, re.M)}
     comments, cls, above = {}, None, []
-    for line in Path(config.__file__).read_text().splitlines():
+    for line in source.splitlines():
         if m := re.match(r"^class (\w+)", line):
             cls, above = m.group(1), []
         elif line.strip().startswith("#"):
@@ -168,9 +171,9 @@ def test_evaluate_help_points_at_the_config_keys():
     assert "--checkpoint PATH" in result.stdout and "python -m tinydist.config --help" in result.stdout
 
 
-@pytest.mark.parametrize("module", ["tinydist.config", "tinydist.data"])
-def test_help_does_not_import_torch(module):
-    snippet = (f"import sys; from {module} import main; rc = main(['--help']); "
+@pytest.mark.parametrize("module, entry", [("tinydist.config", "tinydist.config"), ("tinydist.data", "tinydist.data.cache")])
+def test_help_does_not_import_torch(module, entry):
+    snippet = (f"import sys; from {entry} import main; rc = main(['--help']); "
                "sys.exit(3 if 'torch' in sys.modules else rc)")
     result = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-2000:]

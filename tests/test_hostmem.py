@@ -1,4 +1,4 @@
-"""tinydist.hostmem: glibc is told to keep freed blocks (mallopt), and every C library without mallopt
+"""tinydist.data.hostmem: glibc is told to keep freed blocks (mallopt), and every C library without mallopt
 is a quiet False, never an error (train.py and the bench call it unconditionally)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import platform
 
 import pytest
 
-from tinydist import hostmem
+from tinydist.data import hostmem
 
 
 def test_thresholds_are_what_glibc_accepts():

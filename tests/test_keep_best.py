@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinydist.checkpoint import Checkpointer
+from tinydist.ckpt.checkpointer import Checkpointer
 from tinydist.config import EmaConfig, ModelConfig, OptimConfig
-from tinydist.ema import ModelEma
-from tinydist.model import build_model
-from tinydist.optim import build_optimizer, lr_at, set_lr
+from tinydist.model.ema import ModelEma
+from tinydist.model.build import build_model
+from tinydist.model.optim import build_optimizer, lr_at, set_lr
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -107,7 +107,7 @@ def test_the_learning_rate_is_a_pure_function_of_the_step(schedule: str, name: s
 
 def test_export_select_best_takes_the_best_checkpoints_weights(tmp_path) -> None:
     from tinydist.config import Config
-    from tinydist.export import exported_weights
+    from tinydist.export.writer import exported_weights
 
     model, optimizer = tiny()
     ck = Checkpointer(str(tmp_path), keep_last=1, log=lambda _: None, best_metric="val/top1")

@@ -128,7 +128,7 @@ SIGNALLED_TRAINER = """
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(s, lambda n, _: got.append(signal.Signals(n).name))
     if os.environ.get("TINYDIST_EXIT_DIR"):  # under tinydist.launch (the import costs torch's)
-        from tinydist.launch import record_exit_code
+        from tinydist.runtime.launch import record_exit_code
     else:
         record_exit_code = lambda code: None
     out = os.environ["STUB_DIR"]
@@ -148,7 +148,7 @@ EXIT_TRAINER = """
     # Stand-in training program: records and exits with RANK_CODES[rank] (or CODE), as
     # tinydist/train.py's main() does; leaves the launcher's environment in STUB_DIR/env<rank>.
     import json, os, sys
-    from tinydist.launch import record_exit_code
+    from tinydist.runtime.launch import record_exit_code
     codes = os.environ.get("RANK_CODES", "").split(",")
     rank = int(os.environ.get("RANK", "0"))
     code = int(codes[rank]) if codes[0] else int(os.environ["CODE"])
@@ -391,13 +391,13 @@ def test_launcher_code_is_the_script_code(fakes, tmp_path, code):
 def test_group_exit_code(codes, fallback, expected):
     """A config error on any rank wins (never relaunch), then a crash, then 75 (saved and stopped);
     with no such code recorded, the launcher's own code."""
-    from tinydist.launch import group_exit_code
+    from tinydist.runtime.launch import group_exit_code
     assert group_exit_code(codes, fallback) == expected
 
 
 def test_only_the_last_round_of_an_elastic_run_counts(tmp_path, monkeypatch):
     """The elastic agent restarts workers (new ranks, fewer of them): the failed round's codes are history."""
-    from tinydist.launch import EXIT_DIR_ENV, _recorded_codes, record_exit_code
+    from tinydist.runtime.launch import EXIT_DIR_ENV, _recorded_codes, record_exit_code
     monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
     for restart, rank, code in ((0, 0, 69), (0, 1, 69), (1, 0, 0)):
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart))
@@ -407,7 +407,7 @@ def test_only_the_last_round_of_an_elastic_run_counts(tmp_path, monkeypatch):
 
 
 def test_record_exit_code(tmp_path, monkeypatch):
-    from tinydist.launch import EXIT_DIR_ENV, record_exit_code
+    from tinydist.runtime.launch import EXIT_DIR_ENV, record_exit_code
     monkeypatch.delenv(EXIT_DIR_ENV, raising=False)
     monkeypatch.setenv("RANK", "3")
     record_exit_code(75)  # not launched through tinydist.launch: nothing to do
@@ -754,7 +754,7 @@ def test_real_two_machines_on_localhost(tmp_path):
         with open(os.path.join(os.environ["STUB_DIR"], f"rank{dist.get_rank()}"), "w") as f:
             f.write(f"{dist.get_world_size()} {t.item():.0f} {os.environ['GROUP_RANK']}")
         dist.destroy_process_group()
-        from tinydist.launch import record_exit_code
+        from tinydist.runtime.launch import record_exit_code
         record_exit_code(75)
         sys.exit(75)
     """)

@@ -32,8 +32,8 @@ _LEAKY = ("CONFIG", "OUTPUT_DIR", "CHECKPOINT_DIR", "RUN_NAME", "ACCELERATE_ARGS
 # error line), 3 a crash.
 STUB = """
     import os, sys
-    from tinydist import cli
-    from tinydist.exitcodes import TransientError
+    from tinydist.runtime import cli
+    from tinydist.runtime.exitcodes import TransientError
 
     def main():
         code = int(os.environ["STUB_CODE"])

@@ -1,4 +1,4 @@
-"""tinydist.lease: one job per checkpoint dir, on a local disk and on S3 (moto on loopback)."""
+"""tinydist.ckpt.lease: one job per checkpoint dir, on a local disk and on S3 (moto on loopback)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 import pytest
 
 from faultinject import make_bucket, moto_server
-from tinydist import lease as lease_mod
-from tinydist.lease import LEASE, Lease, LeaseHeldError
-from tinydist.storage import Storage
+from tinydist.ckpt import lease as lease_mod
+from tinydist.ckpt.lease import LEASE, Lease, LeaseHeldError
+from tinydist.ckpt.storage import Storage
 
 
 class Logs(list):

@@ -1,4 +1,4 @@
-"""tinydist.mix: batched CutMix / MixUp with per-micro-batch randomness and soft targets."""
+"""tinydist.data.mix: batched CutMix / MixUp with per-micro-batch randomness and soft targets."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ try:
 except ImportError:  # the package is not installed into the venv: test the working tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinydist.augment import batch_generator  # noqa: E402
+from tinydist.data.augment import batch_generator  # noqa: E402
 from tinydist.config import MixConfig  # noqa: E402
-from tinydist.mix import MixParams, apply_mix, draw_mix, mix_enabled, soft_cross_entropy  # noqa: E402
+from tinydist.data.mix import MixParams, apply_mix, draw_mix, mix_enabled, soft_cross_entropy  # noqa: E402
 
 C = 10
 BOTH = MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, switch_prob=0.5)

@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from tinydist import notice
-from tinydist.notice import (
+from tinydist.runtime import notice
+from tinydist.runtime.notice import (
     MODES, PROVIDERS, NoticeWatcher, check_once, detect_provider, start_watcher)
 
 AWS_TOKEN = "AQAEAFakeToken=="
@@ -489,7 +489,7 @@ def test_import_is_cheap() -> None:
     """Launchers may import it: no torch, no third-party packages."""
     import subprocess
     import sys
-    code = ("import sys, tinydist.notice; "
+    code = ("import sys, tinydist.runtime.notice; "
             "bad = [m for m in ('torch', 'accelerate', 'requests', 'numpy') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

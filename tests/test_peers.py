@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tinydist.exitcodes import EXIT_TRANSIENT
-from tinydist.peers import PeerLostError, Peers, is_peer_failure
+from tinydist.runtime.exitcodes import EXIT_TRANSIENT
+from tinydist.runtime.peers import PeerLostError, Peers, is_peer_failure
 from train_helpers import describe, run, tiny_args, train_command, train_env
 
 # Rank 0 asks for a stop at its first micro-batch, so every rank makes the blocking (final) save of
@@ -14,7 +14,7 @@ from train_helpers import describe, run, tiny_args, train_command, train_env
 DRIVER = r'''
 import os, signal, sys
 import tinydist.train as train
-from tinydist.storage import Storage
+from tinydist.ckpt.storage import Storage
 
 rank = int(os.environ.get("RANK", "0"))
 original_transform, original_write = train.augment, Storage.write

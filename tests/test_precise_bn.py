@@ -1,14 +1,14 @@
-"""tinydist.precise_bn: BN statistics recomputed over fixed images, the same on any number of ranks."""
+"""tinydist.model.precise_bn: BN statistics recomputed over fixed images, the same on any number of ranks."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from tinydist.augment import eval_transform
+from tinydist.data.augment import eval_transform
 from tinydist.config import ModelConfig
-from tinydist.model import build_model
-from tinydist.precise_bn import precise_bn_indices, recompute_bn_statistics
+from tinydist.model.build import build_model
+from tinydist.model.precise_bn import precise_bn_indices, recompute_bn_statistics
 
 
 class Images:
@@ -64,7 +64,7 @@ def test_two_ranks_give_the_one_rank_statistics() -> None:
     one = model()
     recompute_bn_statistics(one, data, 96, seed=0, device=torch.device("cpu"), channels_last=False)
     # 96 images in batches of 96: one batch; make it several by asking precise_bn for a smaller BATCH.
-    import tinydist.precise_bn as precise_bn
+    import tinydist.model.precise_bn as precise_bn
 
     original = precise_bn.BATCH
     precise_bn.BATCH = 16

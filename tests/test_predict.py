@@ -10,11 +10,11 @@ import torch
 
 from fixtures import CLASSES, WORDS, build_tiny_imagenet_folder
 
-from tinydist import predict
+from tinydist.export import predict
 from tinydist.config import load_config
-from tinydist.export import export_model
-from tinydist.labels import class_names
-from tinydist.model import build_model
+from tinydist.export.writer import export_model
+from tinydist.export.labels import class_names
+from tinydist.model.build import build_model
 
 GOLDFISH = "n01443537"
 

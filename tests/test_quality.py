@@ -16,7 +16,7 @@ try:
 except ImportError:  # the package is not installed into the venv: test the working tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinydist.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, batch_generator,  # noqa: E402
+from tinydist.data.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, batch_generator,  # noqa: E402
                               crop_flip_params, eval_transform, train_transform)
 
 
@@ -70,7 +70,7 @@ def test_a_flat_image_stays_flat_and_the_full_crop_is_a_plain_resize():
 
 def test_detail_cache_keeps_source_pixels(tmp_path):
     from tinydist.config import DataConfig
-    from tinydist.data import load_split
+    from tinydist.data.cache import load_split
 
     cfg = DataConfig(source="digits", image_size=16, cache_dir=str(tmp_path))
     plain = load_split(cfg, "valid", 40, log=lambda _: None)
@@ -84,7 +84,7 @@ def test_detail_cache_keeps_source_pixels(tmp_path):
 
 
 def test_table_and_verdict_parse():
-    from tinydist.bench_quality import table
+    from tinydist.bench.quality import table
 
     lines = table({"tinydist": [0.851, 0.858], "torchvision": [0.856, 0.861]}, [0, 1])
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[1:3]}
@@ -95,7 +95,7 @@ def test_table_and_verdict_parse():
 
 @pytest.mark.slow
 def test_bench_quality_end_to_end(tmp_path, capsys):
-    from tinydist.bench_quality import main
+    from tinydist.bench.quality import main
 
     code = main(["--seeds", "0", "--epochs", "3", f"--data.cache_dir={tmp_path}/cache", "--data.max_val_samples=150"])
     assert code == 0

@@ -16,7 +16,7 @@ from typing import Any
 import matplotlib  # noqa: F401 - the `report` extra, in `test` too: a missing one fails here, not as a skip
 import pytest
 
-from tinydist import report
+from tinydist.export import report
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

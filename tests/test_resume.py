@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from faultinject import kill_tree
-from tinydist.checkpoint import Checkpointer
-from tinydist.export import load_model_weights
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.export.writer import load_model_weights
 from train_helpers import REPO, describe, run_train, tiny_args, train_command, train_env
 
 pytestmark = pytest.mark.slow  # every test here trains in subprocesses, most of them twice
@@ -72,8 +72,8 @@ def output(run: subprocess.CompletedProcess) -> str:
 DRIVER = r'''
 import json, os, signal, sys
 import tinydist.train as train
-from tinydist.checkpoint import Checkpointer
-from tinydist.storage import Storage
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.ckpt.storage import Storage
 
 plan = json.loads(sys.argv[1])
 mode = plan["mode"]

@@ -1,4 +1,4 @@
-"""tinydist.sampler: exactly-once epochs, O(1) seek, world-size independence, (seed, epoch) permutations."""
+"""tinydist.data.sampler: exactly-once epochs, O(1) seek, world-size independence, (seed, epoch) permutations."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tinydist.config import ConfigError
-from tinydist.sampler import GlobalSampler, eval_shard
+from tinydist.data.sampler import GlobalSampler, eval_shard
 
 
 def step_by_global_index(num_samples, global_batch, micro_batch, world_size, step, seed=0):

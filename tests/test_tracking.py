@@ -25,11 +25,11 @@ import pytest
 from faultinject import free_port
 from train_helpers import describe, error_lines, read_metrics, run_train, tiny_args, train_env, wandb_history
 
-from tinydist.accel import make_accelerator
-from tinydist.cli import exit_code_for
+from tinydist.loop.accel import make_accelerator
+from tinydist.runtime.cli import exit_code_for
 from tinydist.config import Config, ConfigError
-from tinydist.exitcodes import EXIT_CONFIG
-from tinydist.tracking import RunLog, check_wandb_credentials, wandb_credentials
+from tinydist.runtime.exitcodes import EXIT_CONFIG
+from tinydist.loop.tracking import RunLog, check_wandb_credentials, wandb_credentials
 
 FAKE_KEY = "x" * 40  # a well-formed key no server knows
 SUBPROCESS_TIMEOUT = 240

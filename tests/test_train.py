@@ -25,7 +25,7 @@ from train_helpers import (PYTHON, SMOKE, committed_checkpoints, describe, error
                            wandb_history)
 
 from tinydist.config import load_config
-from tinydist.model import SoftmaxBeforeLossError, build_model, check_first_step
+from tinydist.model.build import SoftmaxBeforeLossError, build_model, check_first_step
 
 SUBPROCESS_TIMEOUT = 300
 SMOKE_TIMEOUT = 900  # the full recipe: ~45 s alone (one thread), several times that on a busy shared box
@@ -37,7 +37,7 @@ WORLD_DRIVER = """
 import json, os, sys
 import torch
 import torch.distributed as dist
-from tinydist.accel import make_accelerator
+from tinydist.loop.accel import make_accelerator
 
 acc = make_accelerator()
 rank = acc.process_index

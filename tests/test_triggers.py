@@ -1,10 +1,10 @@
-"""tinydist.triggers: when the loop logs, validates and saves."""
+"""tinydist.loop.triggers: when the loop logs, validates and saves."""
 
 from __future__ import annotations
 
 from tinydist.config import Config
-from tinydist.sampler import GlobalSampler
-from tinydist.triggers import Triggers
+from tinydist.data.sampler import GlobalSampler
+from tinydist.loop.triggers import Triggers
 
 
 def test_each_trigger_fires_exactly_where_the_config_says() -> None:

@@ -26,40 +26,40 @@ if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this
 import torch
 import torch.nn.functional as F
 
-from tinydist import cli
+from tinydist.runtime import cli
 from tinydist import config as config_lib
-from tinydist.accel import make_accelerator, requested_processes
-from tinydist.augment import augment
-from tinydist.cadence import SaveClock
-from tinydist.checkpoint import Checkpointer
-from tinydist.ckpt_format import tensor_sets
+from tinydist.loop.accel import make_accelerator, requested_processes
+from tinydist.data.augment import augment
+from tinydist.loop.cadence import SaveClock
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.ckpt.layout import tensor_sets
 from tinydist.config import Config, ConfigError, load_config
-from tinydist.console import Console
-from tinydist.data import load_train_val
-from tinydist.ema import ModelEma
-from tinydist.evaluate import evaluate
-from tinydist.exitcodes import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, TransientError
-from tinydist.divergence import DivergedError, DivergenceGuard, finite_or_none
-from tinydist.export import export_if_changed, exported_weights
-from tinydist.hostmem import keep_freed_memory
-from tinydist.labels import class_names
-from tinydist.launch import EXIT_DIR_ENV
-from tinydist.lease import Lease, claim_storage
-from tinydist.mix import apply_mix, mix_enabled, soft_cross_entropy
-from tinydist.model import BNStatistics, build_model, check_first_step
-from tinydist.notice import watch_in_background
-from tinydist.optim import apply_hyperparameters, build_optimizer, lr_at, set_lr
-from tinydist.peers import Peers, is_peer_failure
-from tinydist.precise_bn import recompute_bn_statistics
-from tinydist.prefetch import Prefetcher
-from tinydist.preempt import StopFlag
-from tinydist.report import curves_png
-from tinydist.resume import check_resume_state, config_changes, load_resume_point
-from tinydist.retry import retry_storage
-from tinydist.sampler import GlobalSampler
-from tinydist.storage import Storage, StorageFullError
-from tinydist.tracking import RunLog
-from tinydist.triggers import Triggers
+from tinydist.loop.console import Console
+from tinydist.data.cache import load_train_val
+from tinydist.model.ema import ModelEma
+from tinydist.loop.evaluate import evaluate
+from tinydist.runtime.exitcodes import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, TransientError
+from tinydist.loop.divergence import DivergedError, DivergenceGuard, finite_or_none
+from tinydist.export.writer import export_if_changed, exported_weights
+from tinydist.data.hostmem import keep_freed_memory
+from tinydist.export.labels import class_names
+from tinydist.runtime.launch import EXIT_DIR_ENV
+from tinydist.ckpt.lease import Lease, claim_storage
+from tinydist.data.mix import apply_mix, mix_enabled, soft_cross_entropy
+from tinydist.model.build import BNStatistics, build_model, check_first_step
+from tinydist.runtime.notice import watch_in_background
+from tinydist.model.optim import apply_hyperparameters, build_optimizer, lr_at, set_lr
+from tinydist.runtime.peers import Peers, is_peer_failure
+from tinydist.model.precise_bn import recompute_bn_statistics
+from tinydist.data.prefetch import Prefetcher
+from tinydist.runtime.preempt import StopFlag
+from tinydist.export.report import curves_png
+from tinydist.ckpt.restore import check_resume_state, config_changes, load_resume_point
+from tinydist.ckpt.backoff import retry_storage
+from tinydist.data.sampler import GlobalSampler
+from tinydist.ckpt.storage import Storage, StorageFullError
+from tinydist.loop.tracking import RunLog
+from tinydist.loop.triggers import Triggers
 
 
 def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:

@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional
 
 from tinydist import config as config_lib
 from tinydist.config import Config
-from tinydist.exitcodes import PermanentError, TransientError
-from tinydist.storage import Storage, StorageError, StorageRefusedError
+from tinydist.runtime.exitcodes import PermanentError, TransientError
+from tinydist.ckpt.storage import Storage, StorageError, StorageRefusedError
 
 LEASE = "LEASE.json"
 

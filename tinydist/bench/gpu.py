@@ -1,6 +1,6 @@
 """GPU figures: tinydist's real loop on the main recipe's shapes, each against a baseline timed on the same GPU.
 
-    python -m tinydist.bench_gpu [--quick]          # or, once registered: python -m tinydist.bench gpu
+    python -m tinydist.bench.gpu [--quick]          # or, once registered: python -m tinydist.bench gpu
 
 Without a CUDA device it prints one line and returns. On a GPU it measures, on the main recipe's
 shapes (64 px, 200 classes, cifar stem, channels_last, bf16 autocast, global batch 512):
@@ -50,15 +50,15 @@ import torch.nn.functional as F
 
 from tinydist import config as config_lib
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE
-from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, augment, batch_generator, crop_flip_params
-from tinydist.checkpoint import Checkpointer
-from tinydist.data import load_split
-from tinydist.hostmem import keep_freed_memory
-from tinydist.model import build_model
-from tinydist.optim import build_optimizer
-from tinydist.sampler import GlobalSampler
+from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment, batch_generator, crop_flip_params
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.data.cache import load_split
+from tinydist.data.hostmem import keep_freed_memory
+from tinydist.model.build import build_model
+from tinydist.model.optim import build_optimizer
+from tinydist.data.sampler import GlobalSampler
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 RECIPE = os.path.join(PACKAGE_ROOT, "configs", "tiny_imagenet_resnet18.yaml")
 SKIP_LINE = "gpu: skipped: no CUDA device (torch.cuda.is_available() is False)"
 EPOCH_IMAGES = 100_000  # Tiny ImageNet's training split
@@ -319,7 +319,7 @@ def run_pipeline(cache: Any, sizes: Sizes, device: torch.device, seed: int, crop
     """What train.py does per micro-batch before the model, with no model behind it: `Prefetcher.next()`
     (gathered from the cache, crops drawn and copied to the device by its thread) and `augment` on the
     device, synchronised at the end of each block."""
-    from tinydist.prefetch import Prefetcher
+    from tinydist.data.prefetch import Prefetcher
 
     sampler = GlobalSampler(len(cache), sizes.global_batch, sizes.micro_batch, 1, 0, seed)
     warmup, blocks = 2, sizes.pipeline_blocks
@@ -582,13 +582,13 @@ def bench_gpu(tmp: str, quick: bool, device: torch.device, _force_device: Option
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tinydist import cli
+    from tinydist.runtime import cli
 
     return cli.run(lambda: _main(argv))
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tinydist.bench_gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tinydist.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps: checks the figures run")
     parser.add_argument("--force-cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--modes", default=",".join(MODES), help=argparse.SUPPRESS)
@@ -604,6 +604,3 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                   tuple(m for m in opts.modes.split(",") if m))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

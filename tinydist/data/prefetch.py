@@ -17,10 +17,10 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
-from tinydist.augment import batch_generator, crop_flip_params
+from tinydist.data.augment import batch_generator, crop_flip_params
 from tinydist.config import MixConfig
-from tinydist.mix import INACTIVE, MixParams, draw_mix
-from tinydist.sampler import GlobalSampler
+from tinydist.data.mix import INACTIVE, MixParams, draw_mix
+from tinydist.data.sampler import GlobalSampler
 
 
 class Ready(NamedTuple):

@@ -33,9 +33,9 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load as load_safetensors
 
-from tinydist.ckpt_format import MARKER, STATE, CheckpointError, check_name, load_tensors, read_state, step_folder
+from tinydist.ckpt.layout import MARKER, STATE, CheckpointError, check_name, load_tensors, read_state, step_folder
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE, Config, to_dict
-from tinydist.storage import Storage, parse_size
+from tinydist.ckpt.storage import Storage, parse_size
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
@@ -130,7 +130,7 @@ def export_config(cfg: Config, classes: list[str], class_names: Optional[dict[st
                   provenance: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """config.json's contents; see the module docstring."""
     from tinydist import __version__
-    from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD
+    from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
     names = class_names or {}
     given = dict(provenance or {})

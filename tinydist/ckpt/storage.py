@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tinydist.exitcodes import PermanentError, TransientError, one_line
+from tinydist.runtime.exitcodes import PermanentError, TransientError, one_line
 
 TMP_TAG = ".tmp-"  # local writes go to `{name}.tmp-{pid}-{thread}` first; strays are removed by cleanup
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -24,8 +24,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from tinydist.exitcodes import PermanentError, one_line
-from tinydist.storage import Storage
+from tinydist.runtime.exitcodes import PermanentError, one_line
+from tinydist.ckpt.storage import Storage
 
 FORMAT = "tinydist-checkpoint/1"
 MARKER = "COMMITTED"

@@ -15,7 +15,7 @@ import datetime
 import re
 from typing import Any, Sequence
 
-from tinydist.exitcodes import TransientError
+from tinydist.runtime.exitcodes import TransientError
 
 # How gloo and NCCL report a peer that died or went silent. torch raises a plain RuntimeError for
 # most of these (DistError subclasses only for some), so the message is all there is to go on.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Callable, TypeVar
 
-from tinydist.exitcodes import TransientError
-from tinydist.storage import StorageError, StorageFullError
+from tinydist.runtime.exitcodes import TransientError
+from tinydist.ckpt.storage import StorageError, StorageFullError
 
 T = TypeVar("T")
 

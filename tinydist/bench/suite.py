@@ -38,17 +38,17 @@ from PIL import Image
 from torchvision import transforms as T
 
 from tinydist import config as config_lib
-from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, to_device, train_transform
-from tinydist.bench_gpu import bench_gpu
-from tinydist.checkpoint import Checkpointer
-from tinydist.hostmem import keep_freed_memory
-from tinydist.data import load_split
-from tinydist.model import build_model
-from tinydist.optim import build_optimizer
-from tinydist.sampler import GlobalSampler
+from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD, to_device, train_transform
+from tinydist.bench.gpu import bench_gpu
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.data.hostmem import keep_freed_memory
+from tinydist.data.cache import load_split
+from tinydist.model.build import build_model
+from tinydist.model.optim import build_optimizer
+from tinydist.data.sampler import GlobalSampler
 from tinydist.train import train
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 SMOKE_RECIPE = os.path.join(PACKAGE_ROOT, "configs", "smoke.yaml")
 
 
@@ -373,14 +373,14 @@ FIGURES: dict[str, Callable[[str, bool, torch.device], None]] = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tinydist import cli
+    from tinydist.runtime import cli
 
     return cli.run(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
 
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["quality"]:  # accuracy, not speed: its own flags and config overrides
-        from tinydist.bench_quality import quality
+        from tinydist.bench.quality import quality
 
         return quality(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tinydist.bench", description=__doc__.split("\n\n")[0])
@@ -407,6 +407,3 @@ def _main(argv: list[str]) -> int:
                 sys.stdout.flush()  # each line as soon as it is known, even through a pipe
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from tinydist.config import ModelConfig
-from tinydist.exitcodes import PermanentError
+from tinydist.runtime.exitcodes import PermanentError
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:

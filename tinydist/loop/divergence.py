@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from tinydist.exitcodes import PermanentError
+from tinydist.runtime.exitcodes import PermanentError
 
 
 class DivergedError(PermanentError):

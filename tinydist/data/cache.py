@@ -35,10 +35,12 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
-from tinydist import cli, datacache
+from tinydist.runtime import cli
+
+from tinydist.data import cache_files as datacache
 from tinydist.config import ConfigError, DataConfig
-from tinydist.datacache import CacheMismatch
-from tinydist.exitcodes import TransientError
+from tinydist.data.cache_files import CacheMismatch
+from tinydist.runtime.exitcodes import TransientError
 
 # Bump when the decoded layout or content changes, so old caches are rebuilt. 2: 16-bit images scaled
 # to 8 bits (format 1 clipped them to white), and each row's shorter source side recorded (`shorter_side`).
@@ -641,6 +643,3 @@ def _main(argv: Sequence[str]) -> int:
         print(f"cache:    {split}: {folder}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from tinydist import config as config_lib
-from tinydist.checkpoint import Checkpointer, CheckpointError
+from tinydist.ckpt.checkpointer import Checkpointer, CheckpointError
 from tinydist.config import Config, ConfigError
 
 

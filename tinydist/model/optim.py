@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tinydist.config import OptimConfig
-from tinydist.model import no_decay
+from tinydist.model.build import no_decay
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:

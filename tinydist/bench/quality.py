@@ -35,15 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from tinydist import config as config_lib
-from tinydist.augment import IMAGENET_MEAN, IMAGENET_STD, augment
-from tinydist.data import _subset, load_split, open_source
-from tinydist.evaluate import evaluate
-from tinydist.model import BNStatistics, build_model
-from tinydist.optim import build_optimizer, lr_at, set_lr
-from tinydist.prefetch import Prefetcher
-from tinydist.sampler import GlobalSampler
+from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment
+from tinydist.data.cache import _subset, load_split, open_source
+from tinydist.loop.evaluate import evaluate
+from tinydist.model.build import BNStatistics, build_model
+from tinydist.model.optim import build_optimizer, lr_at, set_lr
+from tinydist.data.prefetch import Prefetcher
+from tinydist.data.sampler import GlobalSampler
 
-SMOKE_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
+SMOKE_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                            "smoke.yaml")
 VARIANTS = ("tinydist", "tinydist-legacy", "torchvision")
 
 
@@ -210,7 +211,7 @@ def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tinydist import cli
+    from tinydist.runtime import cli
 
     return cli.run(lambda: quality(argv))
 
@@ -256,6 +257,3 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     print("\n".join(table(results, opts.seeds)))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

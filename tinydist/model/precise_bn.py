@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinydist.augment import eval_transform, to_device
+from tinydist.data.augment import eval_transform, to_device
 
 PRECISE_BN_STREAM = 0x5EED_B4  # second word of the seed of the image choice: not the training stream's
 BATCH = 256  # fixed, not the micro batch: a batch's variance depends on its size, and this must not on the run

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 import fsspec
 
 from tinydist.config import Config, ConfigError, to_dict
-from tinydist.divergence import finite_or_none
-from tinydist.exitcodes import one_line
-from tinydist.storage import Storage, StorageError
+from tinydist.loop.divergence import finite_or_none
+from tinydist.runtime.exitcodes import one_line
+from tinydist.ckpt.storage import Storage, StorageError
 
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available
 
 from tinydist.config import Config, ConfigError
-from tinydist.tracking import check_wandb_credentials
+from tinydist.loop.tracking import check_wandb_credentials
 
 
 def make_accelerator(cfg: Optional[Config] = None) -> Accelerator:

@@ -32,13 +32,13 @@ from typing import Any, Callable, Optional
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from tinydist import ckpt_format as fmt
-from tinydist.ckpt_format import MARKER, STATE, CheckpointError, step_folder
-from tinydist.divergence import DivergedError, nonfinite_tensors
-from tinydist.exitcodes import TransientError
-from tinydist.lease import Lease
-from tinydist.peers import Peers
-from tinydist.storage import TMP_TAG, Storage, StorageError, StorageFullError, StorageRefusedError, megabytes, parse_size
+from tinydist.ckpt import layout as fmt
+from tinydist.ckpt.layout import MARKER, STATE, CheckpointError, step_folder
+from tinydist.loop.divergence import DivergedError, nonfinite_tensors
+from tinydist.runtime.exitcodes import TransientError
+from tinydist.ckpt.lease import Lease
+from tinydist.runtime.peers import Peers
+from tinydist.ckpt.storage import TMP_TAG, Storage, StorageError, StorageFullError, StorageRefusedError, megabytes, parse_size
 
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE
 

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Callable, Optional
 
-from tinydist.exitcodes import (EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_TRANSIENT, HelpRequested, PermanentError, TransientError,
+from tinydist.runtime.exitcodes import (EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_TRANSIENT, HelpRequested, PermanentError, TransientError,
                                 one_line)
 
 
@@ -36,7 +36,7 @@ def _is_peer_failure(error: BaseException) -> bool:
     # imported torch must not pay for importing it to learn that.
     if "torch" not in sys.modules:
         return False
-    from tinydist.peers import is_peer_failure
+    from tinydist.runtime.peers import is_peer_failure
 
     return is_peer_failure(error)
 
@@ -55,7 +55,7 @@ def run(main: Callable[[], Optional[int]], *, on_exit: Optional[Callable[[int, s
     """`main()`'s code (None counts as 0), or the contract's code for what it raised, said in one line
     on stderr (a crash also prints its traceback above that line). `--help` is not an error: its text
     goes to stdout and the code is 0. `on_exit(code, message)` runs last, whatever happened."""
-    from tinydist.launch import record_exit_code  # light: no torch; lets `tinydist.launch` keep the codes
+    from tinydist.runtime.launch import record_exit_code  # light: no torch; lets `tinydist.runtime.launch` keep the codes
 
     code, message = EXIT_CRASH, ""
     try:

@@ -1,0 +1,123 @@
+"""Top-1 / top-5 / loss of a model on a split, and `python -m tinydist.evaluate`.
+
+    python -m tinydist.evaluate --checkpoint runs/x/checkpoints/step-00001000 [--config FILE] [--data.source=...]
+    python -m tinydist.evaluate --checkpoint runs/x/model [--split train] [--json]
+
+The command's metrics are named after the split scored: `val/top1`, `val/top5`, `val/loss` for the
+run's data.val_split (training's own names), `train/top1` ... for `--split train`; its JSON also
+holds `split` and `images`. Exit codes as every entry point (cli.py): a checkpoint that is not there
+or does not fit is 2, storage or the hub out of reach 69.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tinydist.data.augment import eval_transform, to_device
+from tinydist.data.cache import ImageCache
+from tinydist.data.sampler import eval_shard
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device: torch.device,
+             world_size: int = 1, rank: int = 0, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             channels_last: bool = True, autocast: Any = None, flip: bool = False,
+             prefix: str = "val") -> dict[str, float]:
+    """Each rank scores a disjoint slice; sums are reduced, so every image counts exactly once.
+    `model` must be the bare module: a DDP forward is a collective and ranks may hold uneven batches.
+    With `flip`, the mirrored images are scored too and the averaged logits reported as
+    `{prefix}/top1_flip` (and top5_flip), beside the plain metrics, so curves stay comparable."""
+    was_training = model.training
+    model.eval()
+    k = min(5, len(cache.classes))
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, count, top1_flip, top5_flip
+    for indices in eval_shard(len(cache), batch_size, world_size, rank):
+        images, labels = to_device(cache.gather(indices), cache.labels[indices], device)
+        inputs = eval_transform(images, channels_last)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(inputs).float()
+            mirrored = model(inputs.flip(3)).float() if flip else None
+        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        flip_hits = ((logits + mirrored).topk(k, dim=1).indices.eq(labels[:, None]) if mirrored is not None
+                     else torch.zeros_like(hits))
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                               torch.tensor(len(indices), dtype=torch.float64, device=device),
+                               flip_hits[:, 0].sum().double(), flip_hits.any(1).sum().double()])
+    if reduce is not None:
+        totals = reduce(totals)
+    model.train(was_training)
+    loss, top1, top5, count, top1_flip, top5_flip = totals.tolist()
+    metrics = {f"{prefix}/loss": loss / count, f"{prefix}/top1": top1 / count, f"{prefix}/top5": top5 / count}
+    if flip:
+        metrics.update({f"{prefix}/top1_flip": top1_flip / count, f"{prefix}/top5_flip": top5_flip / count})
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tinydist.runtime import cli
+
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    import argparse
+    import os
+
+    from tinydist.ckpt.checkpointer import CheckpointError
+    from tinydist.config import load_config
+    from tinydist.data.cache import load_split
+    from tinydist.export.writer import load_model_weights
+    from tinydist.model.build import build_model
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tinydist.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a checkpoint or an exported model: top-1, top-5 and loss on a split.",
+        usage="%(prog)s --checkpoint PATH [--split SPLIT] [--json] [--config FILE] [--section.key=VALUE ...]",
+        epilog="Metrics are named after the split scored: val/top1 etc. for the run's data.val_split (as in\n"
+               "training's metrics.jsonl), SPLIT/top1 etc. for any other (--split train: train/top1).\n"
+               "Any other argument is a config override (--config FILE, --section.key=VALUE, --section.key VALUE)\n"
+               "applied over the config saved with the checkpoint, e.g. --data.source=PATH.\n"
+               "Every config key, with its type, default and meaning:\n"
+               "    python -m tinydist.config --help")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint folder (step-N) or an exported model folder")
+    parser.add_argument("--split", default=None, help="split to score (default: data.val_split)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args, overrides = parser.parse_known_args(argv)
+    local = os.path.expanduser(args.checkpoint)
+    if "://" not in args.checkpoint and not os.path.isdir(local):
+        what = "a file, not a folder" if os.path.exists(local) else "no such folder"
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: {what}; expected a checkpoint folder "
+                              "({checkpoint.dir}/step-N) or an exported model folder ({train.output_dir}/model)")
+    weights, saved_config = load_model_weights(local)
+    cfg = load_config(overrides, base=saved_config)
+    split = args.split or cfg.data.val_split
+    # The run's validation split keeps training's names (metrics.jsonl, checkpoint.best_metric, the
+    # model card), so the figures compare as they are; any other split is named, never passed off as val.
+    prefix = "val" if split == cfg.data.val_split else split
+    cache = load_split(cfg.data, split, cfg.data.max_val_samples, log=lambda m: print(m, file=sys.stderr))
+    model = build_model(cfg.model, len(cache.classes))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # load_state_dict's shape report: say what to change
+        raise CheckpointError(f"{args.checkpoint} does not fit model.stem={cfg.model.stem} with {len(cache.classes)} "
+                              f"classes: {str(e).splitlines()[-1].strip()}; expected the config the run was trained "
+                              "with") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metrics: dict[str, Any] = evaluate(model.to(device), cache, cfg.train.eval_batch_size, device,
+                                       channels_last=cfg.model.channels_last, prefix=prefix)
+    metrics.update(split=split, images=len(cache))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.checkpoint}: {prefix} top-1 {metrics[f'{prefix}/top1']:.4f}  top-5 {metrics[f'{prefix}/top5']:.4f}  "
+              f"loss {metrics[f'{prefix}/loss']:.4f}  ({len(cache)} images of split {split} of {cfg.data.source})")
+    return 0
+

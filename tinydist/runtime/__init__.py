@@ -1,0 +1,1 @@
+"""Processes and faults: the exit-code contract and the one CLI wrapper, signals, cloud notices, peers, launch."""
