@@ -8,7 +8,8 @@ import re
 import pytest
 
 from tinydist.loop import cadence
-from tinydist.loop.cadence import SaveClock, parse_every_minutes, young_daly_minutes
+from tinydist.config.units import parse_every_minutes
+from tinydist.loop.cadence import SaveClock, young_daly_minutes
 from tinydist.config import ConfigError, load_config
 from train_helpers import describe, run_train, tiny_args
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import torchvision
 
 from faultinject import make_bucket, reseal
-from tinydist.ckpt.checkpointer import Checkpointer, CheckpointError, parse_size
+from tinydist.ckpt.checkpointer import Checkpointer, CheckpointError
+from tinydist.config.units import parse_size
 from tinydist.ckpt.layout import DamagedCheckpointError, InvalidCheckpointError
 from tinydist.runtime.exitcodes import TransientError
 

@@ -22,7 +22,7 @@ import torchvision
 
 from tinydist.ckpt.checkpointer import Checkpointer
 from tinydist.runtime.cli import exit_code_for
-from tinydist.loop.divergence import DivergedError, DivergenceGuard, finite_or_none, nonfinite_tensors
+from tinydist.runtime.divergence import DivergedError, DivergenceGuard, finite_or_none, nonfinite_tensors
 from tinydist.runtime.exitcodes import EXIT_CONFIG
 from train_helpers import REPO, committed_checkpoints, describe, error_lines, run, run_train, tiny_args, train_env
 

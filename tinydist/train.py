@@ -39,7 +39,7 @@ from tinydist.data.cache import load_train_val
 from tinydist.model.ema import ModelEma
 from tinydist.loop.evaluate import evaluate
 from tinydist.runtime.exitcodes import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, TransientError
-from tinydist.loop.divergence import DivergedError, DivergenceGuard, finite_or_none
+from tinydist.runtime.divergence import DivergedError, DivergenceGuard, finite_or_none
 from tinydist.export.writer import export_if_changed, exported_weights
 from tinydist.data.hostmem import keep_freed_memory
 from tinydist.export.labels import class_names

@@ -34,15 +34,16 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from tinydist.ckpt import layout as fmt
 from tinydist.ckpt.layout import MARKER, STATE, CheckpointError, step_folder
-from tinydist.loop.divergence import DivergedError, nonfinite_tensors
+from tinydist.runtime.divergence import DivergedError, nonfinite_tensors
 from tinydist.runtime.exitcodes import TransientError
 from tinydist.ckpt.lease import Lease
 from tinydist.runtime.peers import Peers
-from tinydist.ckpt.storage import TMP_TAG, Storage, StorageError, StorageFullError, StorageRefusedError, megabytes, parse_size
+from tinydist.ckpt.storage import TMP_TAG, Storage, StorageError, StorageFullError, StorageRefusedError, megabytes
+from tinydist.config.units import parse_size
 
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE
 
-__all__ = ["Checkpointer", "CheckpointError", "parse_size", "DEFAULT_MAX_SHARD_SIZE"]
+__all__ = ["Checkpointer", "CheckpointError", "DEFAULT_MAX_SHARD_SIZE"]
 EMA_KEY = "\0ema/"  # prefix of EMA tensors inside a snapshot; no parameter or state name holds a NUL
 
 

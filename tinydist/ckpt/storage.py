@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import sys
 import threading
@@ -28,8 +27,6 @@ from fsspec.implementations.local import LocalFileSystem
 from tinydist.runtime.exitcodes import PermanentError, TransientError, one_line
 
 TMP_TAG = ".tmp-"  # local writes go to `{name}.tmp-{pid}-{thread}` first; strays are removed by cleanup
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _BUGS = (TypeError, AttributeError, NameError, AssertionError, KeyError, IndexError)  # ours, not storage's
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 # The local file system says no to this process for good: a read-only mount, a folder it may not
@@ -66,18 +63,6 @@ def _no_credentials(error: BaseException) -> bool:
                 return True
         error = error.__cause__ or error.__context__
     return False
-
-
-def parse_size(size: str | int) -> int:
-    """'500KB', '10MB', '2GB', '1GiB' or a positive int -> bytes (KB/MB/GB are powers of 10, like the HF hub)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size > 0:
-            return size
-    elif isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
-        if m and float(m.group(1)) > 0:
-            return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-    raise ValueError(f"max_shard_size {size!r} is not a size; expected bytes > 0 or e.g. '500KB', '10MB', '2GB'")
 
 
 def megabytes(n: float) -> str:

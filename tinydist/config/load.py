@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Pure helpers (no torch): loading and checking a config must not import the training stack.
-from tinydist.ckpt.storage import parse_size
+from tinydist.config.units import parse_size
 from tinydist.config.help import help_text
 from tinydist.config.schema import (CHOICES, HELP_FLAGS, POSITIVE, TRACKERS, Config, ConfigError, accumulation_steps,
                                     all_keys, get)
-from tinydist.loop.cadence import parse_every_minutes
+from tinydist.config.units import parse_every_minutes
 from tinydist.runtime.exitcodes import HelpRequested
 
 def _suggest(key: str) -> str:

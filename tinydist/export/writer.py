@@ -35,7 +35,8 @@ from safetensors.torch import load as load_safetensors
 
 from tinydist.ckpt.layout import MARKER, STATE, CheckpointError, check_name, load_tensors, read_state, step_folder
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE, Config, to_dict
-from tinydist.ckpt.storage import Storage, parse_size
+from tinydist.ckpt.storage import Storage
+from tinydist.config.units import parse_size
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"

@@ -14,6 +14,8 @@ import math
 import time
 from typing import Callable, Optional
 
+from tinydist.config.units import parse_every_minutes
+
 MIN_AUTO_MINUTES = 1.0
 
 
@@ -21,18 +23,6 @@ def young_daly_minutes(save_cost_s: float, mtbf_minutes: float) -> float:
     """The interval (minutes) minimising expected lost time: sqrt(2 x save cost x time between failures)."""
     return max(MIN_AUTO_MINUTES, math.sqrt(2.0 * max(save_cost_s, 0.0) * mtbf_minutes * 60.0) / 60.0)
 
-
-def parse_every_minutes(value: str) -> Optional[float]:
-    """`off`/`0` -> None, `auto` -> nan (decided at run time), a positive number -> minutes; else ValueError."""
-    text = str(value).strip().lower()
-    if text in ("off", "false", "0", "0.0", "none", ""):  # YAML reads a bare `off` as false
-        return None
-    if text == "auto":
-        return math.nan
-    minutes = float(text)  # ValueError names the text
-    if not minutes > 0 or math.isinf(minutes):
-        raise ValueError(f"{value!r} is not a positive number of minutes")
-    return minutes
 
 
 class SaveClock:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from tinydist.config import Config, ConfigError, to_dict
-from tinydist.loop.divergence import finite_or_none
+from tinydist.runtime.divergence import finite_or_none
 from tinydist.runtime.exitcodes import one_line
 from tinydist.ckpt.storage import Storage, StorageError
 
