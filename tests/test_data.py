@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import fixtures as fx
-from tinydist.data import cache as data
 from tinydist.config import ConfigError, DataConfig
-from tinydist.data.cache import DataError, load_split, open_source
+from tinydist.data import cache as data
+from tinydist.data.cache import load_split
+from tinydist.data.sources import DataError, open_source
 from tinydist.runtime.exitcodes import TransientError
 
 REPO = Path(__file__).resolve().parents[1]

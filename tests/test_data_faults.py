@@ -18,13 +18,12 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tinydist.runtime import cli
-
-from tinydist.data import cache as data
-
-from tinydist.data import cache_files as datacache
 from tinydist.config import ConfigError, DataConfig
-from tinydist.data.cache import DataError, load_split, open_source
+from tinydist.data import cache as data
+from tinydist.data import cache_files
+from tinydist.data.cache import load_split
+from tinydist.data.sources import DataError, open_source
+from tinydist.runtime import cli
 from tinydist.runtime.exitcodes import EXIT_CONFIG, EXIT_TRANSIENT, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,15 +222,15 @@ def test_a_clean_open_does_not_rewrite_anything(tmp_path, builds):
 
 def test_sampled_signature_above_the_full_hash_threshold(tmp_path, monkeypatch):
     """Files above FULL_HASH_BYTES (the real dataset) get sampled blocks hashed, unless their mtime moved."""
-    monkeypatch.setattr(datacache, "FULL_HASH_BYTES", 0)
-    monkeypatch.setattr(datacache, "SAMPLE_BLOCK", 4096)
+    monkeypatch.setattr(cache_files, "FULL_HASH_BYTES", 0)
+    monkeypatch.setattr(cache_files, "SAMPLE_BLOCK", 4096)
     cfg = digits(tmp_path)
 
     # damage overlapping a sampled block, mtime kept: found by the sampled signature
     folder, (pixels, _) = build_and_release(cfg)
     path = arrow_file(folder)
-    offsets = datacache._sample_offsets(path.stat().st_size, 4096, datacache.SAMPLE_BLOCKS)
-    assert len(offsets) == datacache.SAMPLE_BLOCKS and 64 * 4096 < path.stat().st_size  # really a sample
+    offsets = cache_files._sample_offsets(path.stat().st_size, 4096, cache_files.SAMPLE_BLOCKS)
+    assert len(offsets) == cache_files.SAMPLE_BLOCKS and 64 * 4096 < path.stat().st_size  # really a sample
     overwrite(path, offsets[len(offsets) // 2] + 1000, 200, keep_mtime=True)
     log = Log()
     cache = load_split(cfg, "train", log=log)
@@ -248,7 +247,7 @@ def test_sampled_signature_above_the_full_hash_threshold(tmp_path, monkeypatch):
     assert "SHA-256" in log.damaged()[0] and "sampled blocks" not in log.damaged()[0]
     gc.collect()
 
-    # the same with the mtime put back: the trade-off the sampling makes (datacache.py), pinned here
+    # the same with the mtime put back: the trade-off the sampling makes (cache_files.py), pinned here
     overwrite(path, gap + 4096 + 1000, 200, keep_mtime=True)
     log = Log()
     cache = load_split(cfg, "train", log=log)
@@ -256,14 +255,14 @@ def test_sampled_signature_above_the_full_hash_threshold(tmp_path, monkeypatch):
 
 
 def test_a_rebuild_that_is_damaged_again_is_a_data_error_not_a_loop(tmp_path, builds, monkeypatch):
-    original = datacache.file_record
+    original = cache_files.file_record
 
     def wrong_size(path, table):
         record = original(path, table)
         record["bytes"] += 1
         return record
 
-    monkeypatch.setattr(datacache, "file_record", wrong_size)
+    monkeypatch.setattr(cache_files, "file_record", wrong_size)
     with pytest.raises(DataError) as e:
         load_split(digits(tmp_path), "train", log=Log())
     message = str(e.value)
@@ -328,7 +327,7 @@ def test_next_build_sweeps_temp_folders_of_dead_builds_only(tmp_path):
     dead.wait(timeout=60)
     live = subprocess.Popen(["sleep", "120"])
     try:
-        machine = datacache._machine()
+        machine = cache_files.machine_tag()
         removed = [make_temp(Path(f"{folder}.tmp-{dead.pid}")),  # named before temp folders had a machine
                    make_temp(Path(f"{folder}.tmp-{dead.pid}-{machine}")),
                    make_temp(Path(f"{folder}.tmp-{live.pid}-elsewhere-1"), age_s=2 * 24 * 3600)]
@@ -354,7 +353,7 @@ def test_a_temp_folder_with_this_process_name_is_cleared_before_the_build(tmp_pa
     cfg = digits(tmp_path)
     folder, _ = build_and_release(cfg)
     Path(folder, "cache.json").unlink()
-    ours = make_temp(Path(datacache.temp_folder(folder)))
+    ours = make_temp(Path(cache_files.temp_folder(folder)))
     cache = load_split(cfg, "train", log=Log())
     assert len(cache) == DIGITS_TRAIN and not ours.exists()
     assert sorted(os.listdir(folder)) == sorted(["cache.json", *cache.meta["files"]])  # none of its files came along
@@ -460,10 +459,10 @@ def test_decode_workers_take_default_sigterm_and_die_with_a_killed_parent(tmp_pa
 def test_a_worker_not_forked_by_the_build_detaches_on_its_first_batch(monkeypatch):
     """spawn / forkserver workers: default handlers from their first batch on; the builder itself is untouched."""
     calls = []
-    monkeypatch.setattr(datacache, "_detach", lambda parent: calls.append(parent))
-    datacache.detach_worker(os.getpid())
+    monkeypatch.setattr(cache_files, "_detach", lambda parent: calls.append(parent))
+    cache_files.detach_worker(os.getpid())
     assert calls == []
-    datacache.detach_worker(os.getpid() + 1)
+    cache_files.detach_worker(os.getpid() + 1)
     assert calls == [None]
 
 

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    import tinydist  # noqa: F401
-except ImportError:  # the package is not installed into the venv: test the working tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinydist.data.augment import batch_generator  # noqa: E402
-from tinydist.config import MixConfig  # noqa: E402
-from tinydist.data.mix import MixParams, apply_mix, draw_mix, mix_enabled, soft_cross_entropy  # noqa: E402
+from tinydist.config import MixConfig
+from tinydist.data.augment import batch_generator
+from tinydist.data.mix import MixParams, apply_mix, draw_mix, mix_enabled, soft_cross_entropy
 
 C = 10
 BOTH = MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, switch_prob=0.5)

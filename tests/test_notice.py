@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from tinydist.runtime import notice
-from tinydist.runtime.notice import (
-    MODES, PROVIDERS, NoticeWatcher, check_once, detect_provider, start_watcher)
+from tinydist.runtime import cloud_metadata
+from tinydist.runtime.cloud_metadata import MODES, PROVIDERS, check_once, detect_provider
+from tinydist.runtime.notice import NoticeWatcher, start_watcher
 
 AWS_TOKEN = "AQAEAFakeToken=="
 VM_NAME = "spot-vm_3"
@@ -297,7 +297,7 @@ def test_a_hanging_name_lookup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         release.wait(10)
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(notice.socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(cloud_metadata.socket, "getaddrinfo", hanging)
     try:
         for _ in range(3):
             t0 = time.monotonic()
@@ -307,7 +307,7 @@ def test_a_hanging_name_lookup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         assert len(calls) == 1
     finally:
         release.set()
-    assert wait_until(lambda: not notice._lookups)
+    assert wait_until(lambda: not cloud_metadata._lookups)
     with pytest.raises(OSError, match="cannot resolve"):  # answered lookup: an error at once
         check_once("gcp", "http://metadata.hang.test", timeout_s=2)
 

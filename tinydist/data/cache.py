@@ -1,20 +1,20 @@
-"""Tiny ImageNet through Hugging Face `datasets`: sources, and a decode-once uint8 cache.
+"""The decode-once cache: every image of a split decoded once, to RGB uint8, into Arrow files that
+training reads memory-mapped; `load_split`, `load_train_val` (the caches a run reads) and
+`python -m tinydist.data`.
 
-A source is opened as a `datasets.Dataset` per split with an image and a label column. Its images
-are decoded once, to RGB uint8 at `data.image_size` (or up to twice that, never above the source's own
-size, with `load_split(..., detail=2)`: crops are then resized once, on the device, antialiased), by a
-parallel `Dataset.map` into Arrow files
-under `data.cache_dir`, named by a fingerprint of (source data, split, size, subset) so that any
-change rebuilds. Every open checks the files against what their build recorded and rebuilds a
-damaged cache (datacache.py). Training reads those files memory-mapped through a zero-copy uint8
-view: the formatted `ds[indices]` path returns int64 copies at ~10k images/s, the view ~900k/s.
+A source (sources.py) is decoded to RGB uint8 at `data.image_size` (or up to twice that, never above
+the source's own size, with `load_split(..., detail=2)`: crops are then resized once, on the device,
+antialiased), by a parallel `Dataset.map` into Arrow files under `data.cache_dir`, named by a
+fingerprint of (source data, split, size, subset) so that any change rebuilds. Every open checks
+the files against what their build recorded and rebuilds a damaged cache (cache_files.py). Training
+reads those files memory-mapped through a zero-copy uint8 view: the formatted `ds[indices]` path
+returns int64 copies at ~10k images/s, the view ~900k/s.
 
 Labels are always the index of the class name (WordNet id) in sorted order, whatever the source.
 An image that cannot be decoded fails the cache build with its index and source: skipping it would
 silently shrink the dataset and shift what "epoch" means between machines. 16-bit images keep their
 top 8 bits (Pillow's own conversion would clip them white). What decodes but looks unintended (images
-under SMALL_SIDE px, classes with no image in a whole split) is one warning line per build; a
-tiny-imagenet-200 class folder with no training image is an error.
+under SMALL_SIDE px, classes with no image in a whole split) is one warning line per build.
 
     python -m tinydist.data --config configs/smoke.yaml [--data.source=PATH] [--json]
 """
@@ -22,7 +22,6 @@ tiny-imagenet-200 class folder with no training image is an error.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -30,17 +29,16 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
+from tinydist.config import DataConfig
+from tinydist.data import cache_files
+from tinydist.data.cache_files import CacheMismatch, first_line
+from tinydist.data.sources import DataError, Source, open_source
 from tinydist.runtime import cli
 
-from tinydist.data import cache_files as datacache
-from tinydist.config import ConfigError, DataConfig
-from tinydist.data.cache_files import CacheMismatch
-from tinydist.runtime.exitcodes import TransientError
 
 # Bump when the decoded layout or content changes, so old caches are rebuilt. 2: 16-bit images scaled
 # to 8 bits (format 1 clipped them to white), and each row's shorter source side recorded (`shorter_side`).
@@ -48,282 +46,6 @@ CACHE_FORMAT = 2
 # An image whose shorter side is below this is reported once per build: at this size it is an icon, a
 # placeholder or a failed download, not a photo, and upscaling it to data.image_size only hides that.
 SMALL_SIDE = 8
-SPLIT_ALIASES = (("valid", "validation", "val"), ("train",), ("test",))
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class DataError(ConfigError):
-    """A data source problem the user can fix; one line naming what was found and what was expected."""
-
-
-@dataclass
-class Source:
-    """One split of a source, before decoding."""
-
-    kind: str  # hub | parquet folder | save_to_disk folder | tiny-imagenet-200 folder | digits
-    name: str  # what the user wrote in data.source
-    split: str  # the split's name in the source (after aliasing)
-    dataset: Any  # datasets.Dataset with columns `image` (undecoded) and `label`
-    classes: list[str]  # class names; label i of the *source* is classes[i]
-    splits: dict[str, int]  # every split of the source and its rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-def open_source(source: str, split: str) -> Source:
-    """Open `split` of `source`; see `DataConfig.source` for what a source may be."""
-    kind, splits = _open_all(source)
-    name = _resolve_split(source, split, list(splits))
-    ds = splits[name]
-    image_col = next((c for c, f in ds.features.items() if type(f).__name__ == "Image"), None)
-    label_col = next((c for c in ("label", "labels") if c in ds.column_names), None)
-    if image_col is None or label_col is None:
-        raise DataError(f"data.source `{source}` split `{name}` has columns {ds.column_names}; "
-                        "expected an image column (datasets Image feature) and a `label` column")
-    import datasets
-
-    ds = ds.select_columns([image_col, label_col])
-    ds = ds.rename_columns({image_col: "image", label_col: "label"})
-    ds = ds.cast_column("image", datasets.Image(decode=False))
-    label_feature = ds.features["label"]
-    classes = list(getattr(label_feature, "names", None) or [])
-    if not classes:  # plain integer labels: name them by their value
-        classes = [str(i) for i in range(int(max(ds["label"])) + 1)]
-    return Source(kind, source, name, ds, classes, {k: len(v) for k, v in splits.items()})
-
-
-def _open_all(source: str) -> tuple[str, dict[str, Any]]:
-    if source == "digits":
-        return "digits", digits_dataset()
-    path = os.path.expanduser(source)
-    if not os.path.isdir(path):
-        _check_hub_id(source, path)  # what is not a folder must be a hub id; a missing path fails here, at once
-    import datasets
-
-    if os.path.isdir(path):
-        for root in (path, os.path.join(path, "tiny-imagenet-200")):
-            if os.path.isfile(os.path.join(root, "wnids.txt")):
-                return "tiny-imagenet-200 folder", tiny_imagenet_folder(root)
-        if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
-            loaded = datasets.load_from_disk(path)
-            if isinstance(loaded, datasets.Dataset):
-                return "save_to_disk folder", {"train": loaded}
-            return "save_to_disk folder", dict(loaded)
-        try:
-            # Pass datasets its own resolved file list: given only a README's file patterns, it keys its
-            # Arrow cache by those patterns and serves a stale copy of a parquet file rewritten in place.
-            files = datasets.load_dataset_builder(path).config.data_files
-            return "parquet folder", dict(datasets.load_dataset(path, data_files=files))
-        except (ValueError, FileNotFoundError) as e:
-            raise DataError(f"data.source `{source}`: no dataset found in this folder ({_first_line(e)}); "
-                            "expected the hub parquet layout, a save_to_disk folder or tiny-imagenet-200") from None
-    # owner/name is also how a relative path looks (data/tiny-imagenet): whatever the hub answers,
-    # the same line says that no such folder exists here, so whoever meant a path sees it at once.
-    local = f"and no local folder {os.path.abspath(path)} exists"
-    hint = ("if you meant a local folder, correct the path; for the hub dataset, download it where the hub is "
-            "reachable (datasets' save_to_disk, the parquet files, or tiny-imagenet-200.zip unpacked) and set "
-            "data.source to that folder")
-    unreachable = _hub_unreachable_now()
-    if unreachable:
-        raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({unreachable}), {local}; {hint}, "
-                             "or try offline with --config configs/smoke.yaml")
-    try:
-        return "hub", dict(datasets.load_dataset(source))
-    except Exception as e:  # sorted below; what is neither a network nor a data problem (a bug) is re-raised
-        # Two different answers, two exit codes: the hub not reached at all (offline, DNS, timeouts,
-        # 5xx, HF_HUB_OFFLINE=1 with nothing cached) may work on a relaunch: 69. The hub answering
-        # "no" (no such repository, gated, not a dataset, no data files) never will: 2. Offline,
-        # a repository that does not exist cannot be told from one that does: that is transient too.
-        if _hub_unreachable(e):
-            raise TransientError(f"cannot reach the Hugging Face hub for `{source}` ({type(e).__name__}: "
-                                 f"{_first_line(e)}), {local}; {hint}, or try offline with --config "
-                                 "configs/smoke.yaml") from None
-        if isinstance(e, (OSError, ValueError, RuntimeError)):
-            raise DataError(f"cannot load `{source}` from the Hugging Face hub ({type(e).__name__}: "
-                            f"{_first_line(e)}), {local}; {hint}") from None
-        raise
-
-
-# Names that downloads unpack to: `something/<one of these>` is a local path, never a hub id.
-LOCAL_FOLDER_NAMES = ("tiny-imagenet-200",)
-
-
-def _check_hub_id(source: str, path: str) -> None:
-    """`source` is not a local folder: raise DataError unless it can only mean a hub id (owner/name).
-    A path that looks like one (`data/tiny-imagenet-200`) would otherwise cost the hub's retries and
-    end in advice to download what the user meant to point at."""
-    seps = tuple({"/", os.sep, os.altsep or "/"})
-    cwd = os.getcwd()
-    where = f" (relative to {cwd})" if not os.path.isabs(path) else (f" ({path})" if path != source else "")
-    if os.path.exists(path):
-        raise DataError(f"data.source `{source}`{where} is a file, not a folder; expected a dataset folder "
-                        "(unpack an archive first), a hub id like zh-plus/tiny-imagenet, or `digits`")
-    missing = f"data.source `{source}`: no such folder{where}"
-    if not any(sep in source for sep in seps):  # no separator: not a path, and not owner/name either
-        raise DataError(f"{missing}; expected a local dataset folder, a hub id (owner/name) like "
-                        "zh-plus/tiny-imagenet, or `digits`")
-    if source.startswith((".", "~") + seps):  # plainly a path
-        # `..` and `./` are resolved by the working directory alone: show where that led
-        raise DataError(missing if os.path.isabs(path) else f"{missing}: {os.path.abspath(path)}")
-    bare = source.rstrip("".join(seps))
-    if bare != source and HUB_ID.match(bare):
-        raise DataError(f"{missing}; a trailing `/` makes it a path: for the Hugging Face hub dataset, write `{bare}`")
-    if not HUB_ID.match(source):
-        raise DataError(f"{missing}; if you meant a Hugging Face hub dataset, `{source}` does not look like one: "
-                        "hub ids are owner/name, like zh-plus/tiny-imagenet")
-    first, last = source.split("/")  # owner/name, the only shape left
-    if os.path.isdir(first):
-        raise DataError(f"{missing}, though `{first}` is a folder there; if you meant the Hugging Face hub "
-                        f"dataset `{source}`, that local `{first}` folder makes it a path: run from another directory")
-    if last in LOCAL_FOLDER_NAMES:
-        raise DataError(f"{missing}; if you meant the Hugging Face hub dataset `{source}`, it does not look like one: "
-                        f"`{last}` is what tiny-imagenet-200.zip unpacks to (the hub copy is zh-plus/tiny-imagenet)")
-
-
-# How the HTTP clients under huggingface_hub / datasets / fsspec say "not reached" (connect errors,
-# timeouts); which client a version uses varies (httpx, httpx2, requests), and one in use is imported.
-_NETWORK_ERRORS = (("httpx", "TransportError"), ("httpx2", "TransportError"), ("requests", "ConnectionError"),
-                   ("requests", "Timeout"), ("aiohttp", "ClientConnectionError"))
-
-
-def _hub_unreachable(error: BaseException) -> bool:
-    """Whether `error`, or what it was raised from, says the hub was not reached (as opposed to answering no)."""
-    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
-
-    if isinstance(error, (DatasetNotFoundError, DataFilesNotFoundError)):  # no such repo or revision, gated, no data
-        return False
-    # datasets re-raises offline mode and connect errors as the builtin ConnectionError
-    network: tuple[type, ...] = (ConnectionError, TimeoutError)
-    network += tuple(getattr(sys.modules[m], name) for m, name in _NETWORK_ERRORS
-                     if m in sys.modules and isinstance(getattr(sys.modules[m], name, None), type))
-    seen: list[BaseException] = []
-    while error is not None and len(seen) < 16 and all(error is not e for e in seen):
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        if isinstance(error, network) or status in (429, 500, 502, 503, 504):  # 429/5xx: the hub is down or busy
-            return True
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _hub_unreachable_now(timeout_s: float = 3.0) -> str:
-    """Why the hub cannot be reached at all (DNS, no route), found in seconds; "" if it may be. Without
-    this, an offline start spends ~30 s in huggingface_hub's retries before saying the same. Skipped
-    behind a proxy (a direct connection proves nothing there) and in offline mode (datasets decides)."""
-    import socket
-    import urllib.parse
-
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or any(
-            os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return ""
-    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as e:
-        return f"{type(e).__name__} connecting to {host}:{port}: {e}"
-    return ""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
-def _resolve_split(source: str, split: str, available: Sequence[str]) -> str:
-    if split in available:
-        return split
-    for group in SPLIT_ALIASES:
-        if split in group:
-            for alias in group:
-                if alias in available:
-                    return alias
-    raise DataError(f"data.source `{source}` has no split `{split}`; it has {', '.join(available)}")
-
-
-def tiny_imagenet_folder(root: str) -> dict[str, Any]:
-    """The original tiny-imagenet-200 layout; HF's `imagefolder` builder mislabels it."""
-    import datasets
-
-    with open(os.path.join(root, "wnids.txt")) as f:
-        wnids = sorted(line.strip() for line in f if line.strip())  # the file is not sorted
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=wnids)})
-    index = {w: i for i, w in enumerate(wnids)}
-    splits = {}
-    train_files, train_labels = [], []
-    for wnid in wnids:
-        folder = os.path.join(root, "train", wnid, "images")
-        if not os.path.isdir(folder):
-            raise DataError(f"tiny-imagenet-200 folder `{root}`: missing {folder}; expected one folder per id in wnids.txt")
-        names = sorted(os.listdir(folder))
-        if not names:
-            # An error, not a warning: wnids.txt makes it a class (the model gets an output for it, its
-            # validation images are scored), so an empty folder is a copy or unpack cut short, and a
-            # model trained without it would be silently worse on it. No relaunch fixes that.
-            raise DataError(f"tiny-imagenet-200 folder `{root}`: class {wnid} has no training images in {folder}; "
-                            f"expected its images there (copy them again), or remove {wnid} from wnids.txt")
-        train_files += [os.path.join(folder, name) for name in names]
-        train_labels += [index[wnid]] * len(names)
-    splits["train"] = _files_dataset(root, train_files, train_labels, features)
-    annotations = os.path.join(root, "val", "val_annotations.txt")
-    if os.path.isfile(annotations):
-        files, labels = [], []
-        with open(annotations) as f:
-            for lineno, line in enumerate(f, 1):
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) < 2 or fields[1] not in index:
-                    raise DataError(f"{annotations}:{lineno}: expected `file<TAB>wnid...` with a wnid from wnids.txt, "
-                                    f"got {line.strip()!r}")
-                files.append(os.path.join(root, "val", "images", fields[0]))
-                labels.append(index[fields[1]])
-        splits["valid"] = _files_dataset(root, files, labels, features)
-    return splits
-
-
-def _files_dataset(root: str, files: list[str], labels: list[int], features: Any) -> Any:
-    import datasets
-
-    # from_dict fingerprints the paths, not the images: fold in each file's size and mtime, so that
-    # images replaced in place give a new cache instead of the stale one.
-    stamp = hashlib.sha256()
-    for path in files:
-        try:
-            stat = os.stat(path)
-        except OSError as e:
-            raise DataError(f"tiny-imagenet-200 folder `{root}`: cannot read {path} ({e.strerror})") from None
-        stamp.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    ds = datasets.Dataset.from_dict({"image": files, "label": labels}, features=features)
-    return datasets.Dataset(ds.data, info=ds.info, fingerprint=stamp.hexdigest()[:16])
-
-
-@functools.lru_cache(maxsize=1)  # asked for once per split: build (and PNG-encode) it once per process
-def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
-    """scikit-learn's 1,797 handwritten digits (shipped inside scikit-learn, so no download) as a
-    Tiny-ImageNet-shaped dataset: 64x64 grayscale PNGs, 10 classes, splits `train` and `valid`."""
-    import datasets
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    images = [Image.fromarray(p, mode="L").resize((64, 64), Image.BILINEAR) for p in pixels]
-    order = np.random.default_rng(0).permutation(len(images))
-    n_val = int(len(images) * val_fraction)
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[f"digit_{d}" for d in range(10)])})
-
-    def split(idx: np.ndarray) -> Any:
-        idx = np.sort(idx)
-        return datasets.Dataset.from_dict(
-            {"image": [images[i] for i in idx], "label": digits.target[idx].tolist()}, features=features)
-
-    return {"train": split(order[n_val:]), "valid": split(order[:n_val])}
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode-once cache
 
 
 class ImageCache:
@@ -334,7 +56,7 @@ class ImageCache:
     def __init__(self, folder: str, meta: dict[str, Any], tables: Optional[list[Any]] = None):
         self.folder, self.meta = folder, meta
         self.classes: list[str] = meta["classes"]
-        self.side: int = meta["image_size"]  # what is stored (datacache checks the rows against it)
+        self.side: int = meta["image_size"]  # what is stored (cache_files checks the rows against it)
         self.image_size: int = meta.get("output_size", self.side)
         if tables is None:
             tables = [_open_table(os.path.join(folder, f)) for f in meta["files"]]
@@ -368,7 +90,7 @@ def cache_fingerprint(src: Source, image_size: int, max_samples: Optional[int], 
 def load_split(cfg: DataConfig, split: str, max_samples: Optional[int] = None,
                main_process_first: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
                log: Callable[[str], None] = print, local_main: Optional[bool] = None, detail: int = 1) -> ImageCache:
-    """Open, decode once and map. The local main process verifies the cache (datacache.py) and builds
+    """Open, decode once and map. The local main process verifies the cache (cache_files.py) and builds
     or rebuilds it while the others wait in `main_process_first`; they then verify it and read.
 
     `detail` > 1 (for the training split: 2) keeps up to `detail` x data.image_size pixels per side, never
@@ -417,7 +139,7 @@ def _open_or_build(src: Source, cfg: DataConfig, folder: str, max_samples: Optio
             return _open_verified(folder)
         except CacheMismatch as e:
             log(f"decode cache {folder} is damaged ({e}); rebuilding it")
-            datacache.discard(folder)
+            cache_files.discard(folder)
     # (detail passed only when used: tests spy on the five-argument call)
     _build_cache(src, cfg, folder, max_samples, log, **({"detail": detail} if detail != 1 else {}))
     try:
@@ -428,11 +150,11 @@ def _open_or_build(src: Source, cfg: DataConfig, folder: str, max_samples: Optio
 
 
 def _open_verified(folder: str) -> ImageCache:
-    meta, tables = datacache.check(folder, CACHE_FORMAT, _open_table)
+    meta, tables = cache_files.check(folder, CACHE_FORMAT, _open_table)
     try:
         return ImageCache(folder, meta, tables)
     except ValueError as e:  # pyarrow's ArrowInvalid: e.g. nulls among the pixels, no zero-copy view
-        raise CacheMismatch(f"pixels cannot be mapped: {_first_line(e)}") from None
+        raise CacheMismatch(f"pixels cannot be mapped: {first_line(e)}") from None
 
 
 def _open_table(path: str) -> Any:
@@ -486,15 +208,15 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
                                   "shorter_side": datasets.Value("int32")})
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, 16)
     num_proc = max(1, min(num_proc, len(ds) // 1000 or 1))  # process start-up dominates small splits
-    datacache.remove_stale_temps(folder, log)
+    cache_files.remove_stale_temps(folder, log)
     # The folder appears complete or not at all: a process killed mid-build leaves only this temp
     # folder, which the next build sweeps. One with our own name is stale too: containers restart
     # with the same pids, and this process builds one folder at a time.
-    tmp = datacache.temp_folder(folder)
+    tmp = cache_files.temp_folder(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     log(f"decoding {len(ds)} images of {src.name} [{src.split}] to {side}x{side} uint8 in {folder} ({num_proc} processes)")
-    with datacache.forks_detached():  # pool workers and the map's Manager: see datacache.py
+    with cache_files.forks_detached():  # pool workers and the map's Manager: see cache_files.py
         decoded = ds.map(_decode_batch, batched=True, batch_size=256, with_indices=True, num_proc=num_proc,
                          remove_columns=ds.column_names, features=features,
                          fn_kwargs={"side": side, "remap": remap, "origin": f"{src.name} [{src.split}]",
@@ -511,7 +233,7 @@ def _build_cache(src: Source, cfg: DataConfig, folder: str, max_samples: Optiona
             "classes": classes,
             "grayscale": int(sum(np.sum(t.column("gray")) for t in tables.values())), "files": files,
             "max_samples": max_samples, "small_images": small, "empty_classes": empty,
-            "arrow": {name: datacache.file_record(os.path.join(tmp, name), t) for name, t in tables.items()}}
+            "arrow": {name: cache_files.file_record(os.path.join(tmp, name), t) for name, t in tables.items()}}
     del tables
     with open(os.path.join(tmp, "cache.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -542,7 +264,7 @@ def _report_suspicious(src: Source, ds: Any, subset: Optional[np.ndarray], table
         empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
     if empty:
         # A warning, not an error (unlike an empty class folder of tiny-imagenet-200): a source's
-        # ClassLabel names are its author's declaration, and synthetic sources (bench.py's random
+        # ClassLabel names are its author's declaration, and synthetic sources (the benches' random
         # labels) legitimately leave some empty. The model still gets an output for each.
         log(f"warning: {len(empty)} of {len(classes)} classes have no images in {where}, e.g. `{empty[0]}`; "
             "nothing teaches (train) or tests (valid) them")
@@ -558,7 +280,7 @@ def _decode_batch(batch: dict[str, list], indices: list[int], side: int, remap: 
                   origin: str, builder: int, rows: Optional[np.ndarray] = None) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
-    datacache.detach_worker(builder)
+    cache_files.detach_worker(builder)
     pixels = np.empty((len(indices), side * side * 3), np.uint8)
     gray, sides = [], []
     for row, (image, index) in enumerate(zip(batch["image"], indices)):
@@ -573,7 +295,7 @@ def _decode_batch(batch: dict[str, list], indices: list[int], side: int, remap: 
         except (OSError, UnidentifiedImageError, ValueError) as e:
             where = image.get("path") or "embedded bytes"
             raise DataError(f"{origin}: image #{_source_row(index, rows)} ({where}) cannot be decoded: "
-                            f"{_first_line(e)}; fix or remove it from the source") from None
+                            f"{first_line(e)}; fix or remove it from the source") from None
     labels = remap[np.asarray(batch["label"], np.int64)]
     return {"pixels": pixels, "label": labels, "gray": gray, "shorter_side": sides}
 
@@ -642,4 +364,3 @@ def _main(argv: Sequence[str]) -> int:
     for split, folder in info["cache"].items():
         print(f"cache:    {split}: {folder}")
     return 0
-

@@ -32,9 +32,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import time
 from typing import Any, Callable, Iterator, Optional
+
+from tinydist.runtime.exitcodes import one_line
+from tinydist.runtime.host import machine_id, pid_alive
 
 FULL_HASH_BYTES = 256 << 20
 SAMPLE_BLOCK = 64 << 10
@@ -104,7 +106,7 @@ def check(folder: str, cache_format: int, open_table: Callable[[str], Any]) -> t
             table = open_table(path)
             table.validate()
         except (OSError, ValueError, TypeError, KeyError, pa.ArrowException) as e:  # pyarrow's words for "garbage"
-            raise CacheMismatch(f"{name}: {type(e).__name__}: {_first_line(e)}") from None
+            raise CacheMismatch(f"{name}: {type(e).__name__}: {first_line(e)}") from None
         if "label" not in table.schema.names or "pixels" not in table.schema.names \
                 or table.schema.field("pixels").type != pixels_type:
             raise CacheMismatch(f"{name}: columns {dict(zip(table.schema.names, map(str, table.schema.types)))}, "
@@ -133,7 +135,7 @@ def _read_meta(folder: str, cache_format: int) -> dict[str, Any]:
     except FileNotFoundError:
         raise CacheMismatch("cache.json is missing") from None
     except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
-        raise CacheMismatch(f"cache.json is unreadable: {_first_line(e)}") from None
+        raise CacheMismatch(f"cache.json is unreadable: {first_line(e)}") from None
     if not isinstance(meta, dict) or meta.get("format") != cache_format:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CacheMismatch(f"cache.json has format {found!r}, expected {cache_format}")
@@ -174,42 +176,31 @@ def _check_bytes(path: str, name: str, record: dict[str, Any], whole: bool) -> N
     except FileNotFoundError:
         raise CacheMismatch(f"{name} is missing") from None
     except OSError as e:
-        raise CacheMismatch(f"{name} is unreadable: {_first_line(e)}") from None
+        raise CacheMismatch(f"{name} is unreadable: {first_line(e)}") from None
     if found != expected:
         raise CacheMismatch(f"{name}: {how} {found[:12]}..., expected {expected[:12]}...")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def first_line(error: BaseException) -> str:
+    """What an error from a library (pyarrow, PIL, datasets, the hub) says first: the rest of its
+    message is often a traceback-like tail or advice for another tool. Its type's name if it says nothing."""
+    lines = str(error).strip().splitlines()
+    return one_line(lines[0])[:200] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
 # Temp folders: `{folder}.tmp-{pid}-{machine}`
 
 
-def _machine() -> str:
-    """Where a pid means something: this host name and pid namespace. Two containers on one host
-    sharing a cache volume (and even a host name) must not judge each other's pids."""
-    try:
-        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        namespace = "0"
-    return re.sub(r"[^\w.]+", "_", socket.gethostname())[:60] + "-" + namespace
+def machine_tag() -> str:
+    """This machine (host.machine_id: host, boot, pid namespace) as a file name may spell it: two
+    containers sharing a cache volume, or one host before and after a reboot, must not judge each
+    other's pids. At most ~120 characters (a Linux host name has at most 64)."""
+    return re.sub(r"[^\w.-]+", "_", machine_id())
 
 
 def temp_folder(folder: str) -> str:
-    return f"{folder}.tmp-{os.getpid()}-{_machine()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+    return f"{folder}.tmp-{os.getpid()}-{machine_tag()}"
 
 
 def _last_touched(path: str) -> float:
@@ -224,7 +215,7 @@ def remove_stale_temps(folder: str, log: Callable[[str], None]) -> list[str]:
     this machine, and those of other machines untouched for STALE_AFTER_S. Never a live process's."""
     parent, base = os.path.split(folder)
     pattern = re.compile(re.escape(base) + r"\.tmp-(\d+)(?:-(.+))?")
-    here = _machine()
+    here = machine_tag()
     removed = []
     try:
         names = os.listdir(parent or ".")
@@ -237,7 +228,7 @@ def remove_stale_temps(folder: str, log: Callable[[str], None]) -> list[str]:
         path, pid, machine = os.path.join(parent, name), int(m.group(1)), m.group(2)
         try:
             if machine in (None, here):  # None: named before temp folders carried the machine
-                if pid == os.getpid() or _pid_alive(pid):
+                if pid == os.getpid() or pid_alive(pid):
                     continue
                 why = f"process {pid} is gone"
             else:
@@ -270,7 +261,7 @@ def discard(folder: str) -> None:
 # Decode workers
 #
 # `Dataset.map(num_proc>1)` forks pool workers and a Manager from a process whose SIGTERM, SIGINT
-# and SIGUSR1 handlers only set a stop flag (preempt.py). Inherited, those handlers make the
+# and SIGUSR1 handlers only set a stop flag (runtime/preempt.py). Inherited, those handlers make the
 # children ignore SIGTERM, and when the parent is killed with SIGKILL they decode on, orphaned
 # (1.2 GB each). So every process forked during a build gets default handlers and asks the kernel
 # for SIGTERM when its parent dies. The parent keeps its handlers: a SIGTERM during a long build

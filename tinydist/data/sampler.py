@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from tinydist.config import ConfigError, accumulation_steps  # noqa: F401 - re-exported
+from tinydist.config import ConfigError, accumulation_steps
 
 
 class MicroBatch(NamedTuple):

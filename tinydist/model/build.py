@@ -67,7 +67,7 @@ class SoftmaxBeforeLossError(PermanentError, RuntimeError):
     """The model outputs probabilities where the loss expects logits: training would learn nothing."""
 
 
-def check_first_step(logits: torch.Tensor, loss: float, num_classes: int, label_smoothing: float = 0.0) -> None:
+def check_first_step(logits: torch.Tensor, loss: float, num_classes: int) -> None:
     """Stop at step 0 if the model looks like it outputs probabilities, not logits.
 
     Cross-entropy applies log-softmax itself; given probabilities it sees logits squashed into
