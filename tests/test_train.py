@@ -185,10 +185,11 @@ def test_softmax_guard_passes_real_model(stem):
 SOFTMAX_DRIVER = """
 import sys
 from torch import nn
+import tinydist.loop.run as run  # where the run's model is built
 import tinydist.train as train
 
-build = train.build_model
-train.build_model = lambda cfg, num_classes: nn.Sequential(build(cfg, num_classes), nn.Softmax(dim=1))
+build = run.build_model
+run.build_model = lambda cfg, num_classes: nn.Sequential(build(cfg, num_classes), nn.Softmax(dim=1))
 sys.exit(train.main(sys.argv[1:]))
 """
 

@@ -1,0 +1,250 @@
+"""A run's state and the phases around its steps: what `train` sets up, restores, saves and validates.
+
+`Run` is everything one optimizer step reads and advances (`tinydist.train.train_step`). `build_run`
+makes it from the config the one way training does, so `python -m tinydist.bench quality` trains the
+recipe itself (CutMix/MixUp, EMA, PreciseBN, the BN rule, the schedule) rather than a copy of it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from tinydist import config as config_lib
+from tinydist.ckpt.backoff import retry_storage
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.ckpt.layout import tensor_sets
+from tinydist.ckpt.lease import Lease
+from tinydist.ckpt.restore import check_resume_state, config_changes, load_resume_point
+from tinydist.ckpt.storage import Storage
+from tinydist.config import Config, ConfigError
+from tinydist.data.cache import ImageCache, load_train_val
+from tinydist.data.mix import mix_enabled
+from tinydist.data.prefetch import Prefetcher, Ready
+from tinydist.data.sampler import GlobalSampler
+from tinydist.loop.cadence import SaveClock
+from tinydist.model.build import BNStatistics, build_model
+from tinydist.model.ema import ModelEma
+from tinydist.model.optim import apply_hyperparameters, build_optimizer
+from tinydist.runtime.divergence import finite_or_none
+from tinydist.runtime.exitcodes import EXIT_PREEMPTED, TransientError
+from tinydist.runtime.peers import Peers
+from tinydist.runtime.preempt import StopFlag
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@dataclass
+class LossWindow:
+    """The training loss since the last log step, summed on the device: read (one host sync) only when
+    logged, never per step."""
+    loss_sum: torch.Tensor
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def read(self, accelerator: Accelerator, accumulation: int, global_batch: int) -> tuple[float, float]:
+        """(mean micro-batch loss over every rank, images/s) since the window started; starts the next one."""
+        loss_mean = accelerator.reduce(self.loss_sum, "mean").item() / (self.steps * accumulation)
+        rate = self.steps * global_batch / (time.perf_counter() - self.started)
+        self.loss_sum.zero_()
+        self.started, self.steps = time.perf_counter(), 0
+        return loss_mean, rate
+
+
+@dataclass
+class Run:
+    """What one optimizer step reads and advances; built by `build_run`, moved to a checkpoint's step by
+    `restore`, fed by `start_loop` (train.train_step runs it)."""
+    cfg: Config
+    accelerator: Accelerator
+    train_data: ImageCache
+    val_data: ImageCache
+    sampler: GlobalSampler
+    model: nn.Module  # what the forward calls: prepared by Accelerate (DDP on several processes), maybe compiled
+    bare_model: nn.Module  # torchvision keys, no wrapper: what checkpoints, evaluation and the EMA read
+    optimizer: Any  # Accelerate's wrapper; `.optimizer` is torch's, the one checkpoints hold
+    bn_statistics: BNStatistics  # the BN rule (model.build); anything with keep() and restore()
+    ema: Optional[ModelEma]
+    total_steps: int  # the schedule's length
+    last_step: int  # where this run stops: total_steps, or train.max_steps
+    warmup_steps: int
+    window: LossWindow
+    step: int = 0  # optimizer steps done
+    prefetch: Optional[Prefetcher] = None  # from start_loop() to close()
+
+    @property
+    def mixing(self) -> bool:
+        return mix_enabled(self.cfg.mix)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_data.classes)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def start_loop(self) -> None:
+        """Steps begin at `self.step`: training mode, a fresh loss window, micro-batches from that step on."""
+        self.model.train()
+        self.window.started, self.window.steps = time.perf_counter(), 0
+        cfg = self.cfg
+        self.prefetch = Prefetcher(self.train_data, self.sampler, self.step, self.last_step, self.device,
+                                   cfg.train.seed, cfg.data.crop_scale, cfg.data.hflip,
+                                   cfg.mix if self.mixing else None)
+
+    def next_micro_batch(self) -> Ready:
+        if self.prefetch is None:
+            raise RuntimeError("Run.start_loop() must run before the first step")
+        return self.prefetch.next()  # gathered, copied and its crops drawn while the last one computed
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+
+
+def load_data(cfg: Config, accelerator: Accelerator, stop: StopFlag,
+              say: Callable[[str], None]) -> Optional[tuple[ImageCache, ImageCache]]:
+    """The (train, val) caches, decoded once per node, then memory-mapped by every rank; None if a stop
+    signal ended the decode (said why: exit 75, nothing was trained, nothing is lost)."""
+    try:
+        return load_train_val(cfg.data, accelerator.local_main_process_first, log=say)
+    except RuntimeError as e:
+        if not stop.requested:
+            raise
+        # A signal to the whole process group (a relaunch loop, srun) also ends the cache build's
+        # workers, which datasets reports as an error.
+        say(f"{stop.signal_name} during the decode-cache build ({type(e).__name__}); stopped before "
+            f"training, nothing to save: exit {EXIT_PREEMPTED}")
+        return None
+
+
+def build_run(cfg: Config, accelerator: Accelerator, train_data: ImageCache, val_data: ImageCache,
+              say: Callable[[str], None] = _silent) -> Run:
+    """Sampler, schedule, model and optimizer: a pure function of the config and seed (the learning rate,
+    of the step), placed by Accelerate. Step 0; `restore` moves it to a checkpoint's."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = GlobalSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size, world, rank,
+                            cfg.train.seed)
+    total_steps = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
+    last_step = min(total_steps, cfg.train.max_steps or total_steps)
+    warmup_steps = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
+    say(f"data: {len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes; global "
+        f"batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {world} processes x "
+        f"{sampler.accumulation} accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} "
+        "steps in all")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, len(train_data.classes))
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    bare_model = model
+    optimizer = build_optimizer(cfg.optim, model)
+    if accelerator.mixed_precision == "fp16":
+        raise ConfigError("mixed precision fp16 is not supported: its loss scaler skips steps, so a resumed run "
+                          "would not retrace the original; use bf16 (`--mixed_precision bf16`), which needs no "
+                          "scaler, or no mixed precision")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    bn_statistics = BNStatistics(bare_model)
+    ema = ModelEma(bare_model, cfg.ema) if cfg.ema.enabled else None
+    if cfg.model.compile:
+        model = torch.compile(model)
+    return Run(cfg, accelerator, train_data, val_data, sampler, model, bare_model, optimizer, bn_statistics, ema,
+               total_steps, last_step, warmup_steps, LossWindow(torch.zeros((), device=accelerator.device)))
+
+
+def open_checkpoints(run: Run, lease: Optional[Lease], peers: Peers, say: Callable[[str], None]) -> Checkpointer:
+    """The run's checkpoint dir, with what earlier jobs left half-written removed once we hold its lease."""
+    cfg = run.cfg
+    best_metric = None if cfg.checkpoint.best_metric == "none" else cfg.checkpoint.best_metric
+    checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
+                                max_shard_size=cfg.checkpoint.max_shard_size, rank=run.rank, world_size=run.world,
+                                log=say, max_outage_s=cfg.checkpoint.max_outage_s, retry_s=cfg.checkpoint.retry_s,
+                                lease=lease, peers=peers, commit_timeout_s=cfg.train.peer_timeout_s,
+                                best_metric=best_metric)
+    if lease is not None:  # we alone write here now
+        checkpointer.cleanup(everything_uncommitted=True)
+    run.accelerator.wait_for_everyone()
+    return checkpointer
+
+
+def restore(run: Run, checkpointer: Checkpointer, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
+    """Resume from the newest committed checkpoint (`checkpoint.resume`): tensors from safetensors shards,
+    everything else from JSON; `run.step` becomes its step. Its meta, or None for a fresh run."""
+    cfg, accelerator = run.cfg, run.accelerator
+    resumed = load_resume_point(cfg, checkpointer, run.bare_model, run.optimizer.optimizer, run.ema and run.ema.module)
+    if resumed is None:
+        return None
+    path, meta = resumed
+    changes = config_changes(path, meta.get("config") or {}, cfg)  # refuses what a resume cannot change
+    step = check_resume_state(path, meta, cfg, len(run.train_data))
+    apply_hyperparameters(cfg.optim, run.bare_model, run.optimizer.optimizer)  # the config in effect from here on
+    if run.ema is not None and "ema" not in tensor_sets(meta):
+        run.ema.module.load_state_dict(run.bare_model.state_dict())
+        say(f"ema.enabled: {path} kept no average; it starts from the weights at step {step}")
+    agreed = accelerator.reduce(torch.tensor([float(step)], device=run.device), "sum").item()
+    if agreed != step * run.world:  # a damaged file seen by some ranks only: do not train apart
+        raise TransientError(f"the processes resumed from different checkpoints (this one: {path}); "
+                             "a relaunch reads them again")
+    say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on {meta.get('device')})")
+    if changes:
+        say(f"config changed since that checkpoint, in effect from step {step}: " + "; ".join(changes))
+    checkpointer.last_commit = run.step = step  # every commit was checked finite
+    return meta
+
+
+def write_config(cfg: Config, main_process: bool, say: Callable[[str], None]) -> None:
+    """{train.output_dir}/config.yaml: the config in effect, as the run's outputs record it."""
+    if not main_process:
+        return
+    output = Storage(cfg.train.output_dir)
+    retry_storage(lambda: output.write("config.yaml", config_lib.to_yaml(cfg).encode()),
+                  f"writing {output.show('config.yaml')}", max_outage_s=cfg.checkpoint.max_outage_s,
+                  retry_s=cfg.checkpoint.retry_s, log=say)
+
+
+def sync_buffers(run: Run) -> None:
+    """BN statistics are updated in each rank's forward and only broadcast by DDP at the next one: every
+    rank holds rank 0's after this, before they are evaluated or each rank writes its shards."""
+    if run.world > 1:
+        for buffer in run.bare_model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def save(run: Run, checkpointer: Checkpointer, clock: SaveClock, wandb_run_id: Optional[str],
+         metrics: dict[str, float], blocking: bool) -> None:
+    """A checkpoint of step `run.step`; in the background unless `blocking` (a stop, the last step)."""
+    sync_buffers(run)
+    cfg, step = run.cfg, run.step
+    started = time.perf_counter()
+    checkpointer.save(step, run.bare_model, run.optimizer.optimizer, {
+        "epoch": run.sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
+        "global_batch_size": cfg.train.global_batch_size, "device": run.device.type,
+        "config": config_lib.to_dict(cfg), "wandb_run_id": wandb_run_id, "metrics": finite_or_none(metrics),
+    }, blocking=blocking, ema=run.ema and run.ema.module)
+    clock.saved(time.perf_counter() - started)
+
+
+def describe_validation(run: Run, metrics: dict[str, float]) -> str:
+    """The line a validation prints: top-1, top-5 and loss of the weights and of their average."""
+    flip = run.cfg.eval.flip_tta
+    return f"step {run.step} epoch {run.sampler.epoch_at(run.step):.2f}: " + "; ".join(
+        f"{p} top-1 {metrics[p + '/top1']:.4f} top-5 {metrics[p + '/top5']:.4f} loss {metrics[p + '/loss']:.4f}"
+        + (f" (flip TTA top-1 {metrics[p + '/top1_flip']:.4f})" if flip else "")
+        for p in ("val", "val_ema") if p + "/top1" in metrics)
