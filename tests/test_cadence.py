@@ -59,6 +59,14 @@ def test_auto_clock_learns_the_measured_cost(monkeypatch):
     assert "measured" in logs[-1]
 
 
+def test_from_config_reads_the_checkpoint_section():
+    logs: list[str] = []
+    clock = SaveClock.from_config(load_config(["--checkpoint.every_minutes=auto", "--checkpoint.mtbf_minutes=30"]),
+                                  logs.append)
+    assert clock.auto and clock.mtbf_minutes == 30.0 and clock.log == logs.append
+    assert SaveClock.from_config(load_config([])).minutes is None  # off by default
+
+
 @pytest.mark.slow
 def test_a_run_saves_by_the_clock(tmp_path, cache_dir):
     out = tmp_path / "out"

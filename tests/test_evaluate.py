@@ -6,8 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinydist.config import load_config
 from tinydist.data.augment import eval_transform
-from tinydist.loop.evaluate import evaluate
+from tinydist.loop.evaluate import Evaluator, evaluate
 
 
 class Split:
@@ -39,3 +40,14 @@ def test_flip_tta_scores_the_averaged_logits_beside_the_plain_ones() -> None:
     assert metrics["val_ema/top1_flip"] != metrics["val_ema/top1"]  # the mirror really was scored
     assert abs(metrics["val_ema/loss"] - F.cross_entropy(plain, y).item()) < 1e-5
     assert "val/top1_flip" not in evaluate(model, split, 16, torch.device("cpu"), channels_last=False)
+
+
+def test_from_config_is_the_run_s_evaluation() -> None:
+    cfg = load_config(["--train.eval_batch_size=16", "--model.channels_last=false", "--eval.flip_tta=true"])
+    evaluator = Evaluator.from_config(cfg)
+    assert evaluator == Evaluator(batch_size=16, channels_last=False, flip=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    cpu = torch.device("cpu")
+    assert evaluator.score(model, Split(), cpu, prefix="val_ema") == evaluate(
+        model, Split(), 16, cpu, channels_last=False, flip=True, prefix="val_ema")

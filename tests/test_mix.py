@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tinydist.config import MixConfig
+from tinydist.config import MixConfig, load_config
 from tinydist.data.augment import batch_generator
-from tinydist.data.mix import MixParams, apply_mix, draw_mix, mix_enabled, soft_cross_entropy
+from tinydist.data.mix import INACTIVE, MixParams, apply_mix, draw_mix, mix_enabled, soft_cross_entropy
+from tinydist.data.prefetch import Prefetcher
+from tinydist.data.sampler import GlobalSampler
 
 C = 10
 BOTH = MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.8, switch_prob=0.5)
@@ -184,3 +187,33 @@ def test_cuda_matches_cpu_without_host_sync() -> None:
         assert gpu[0].device.type == "cuda" and gpu[1].device.type == "cuda"
         torch.testing.assert_close(gpu[0].cpu(), cpu[0])
         torch.testing.assert_close(gpu[1].cpu(), cpu[1])
+
+
+class Pixels:
+    """What the prefetcher reads of a decoded cache: gather(rows) and labels."""
+
+    def __init__(self, n: int = 32, side: int = 8) -> None:
+        self.pixels = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+        self.labels = np.arange(n, dtype=np.int64) % C
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return self.pixels[rows]
+
+
+@pytest.mark.parametrize("mixing", [[], ["--mix.cutmix_alpha=1.0"]], ids=["mix off", "cutmix"])
+def test_the_loop_s_prefetcher_draws_a_mix_only_when_the_config_turns_one_on(mixing: list[str]) -> None:
+    cfg = load_config(["--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.seed=3",
+                       "--data.crop_scale=[0.5,1.0]", "--data.hflip=false", *mixing])
+    data, cpu = Pixels(), torch.device("cpu")
+    sampler = GlobalSampler.from_config(cfg, len(data))
+    from_config = Prefetcher.from_config(cfg, data, sampler, 0, 2, cpu)
+    explicit = Prefetcher(data, sampler, 0, 2, cpu, 3, [0.5, 1.0], False, cfg.mix if mixing else None)
+    configured, direct = ([prefetcher.next() for _ in range(4)] for prefetcher in (from_config, explicit))
+    for a, b in zip(configured, direct):
+        assert (a.step, a.index) == (b.step, b.index) and torch.equal(a.images, b.images)
+        assert torch.equal(a.theta, b.theta) and a.mix.active == b.mix.active and a.mix.lam == b.mix.lam
+    assert all(item.mix.active == bool(mixing) for item in configured)
+    assert mixing or all(item.mix is INACTIVE for item in configured)  # off: nothing drawn for it

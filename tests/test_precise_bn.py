@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tinydist.config import ModelConfig, load_config
 from tinydist.data.augment import eval_transform
-from tinydist.config import ModelConfig
 from tinydist.model.build import build_model
-from tinydist.model.precise_bn import precise_bn_indices, recompute_bn_statistics
+from tinydist.model.precise_bn import PreciseBN, precise_bn_indices, recompute_bn_statistics
 
 
 class Images:
@@ -85,3 +85,15 @@ def test_two_ranks_give_the_one_rank_statistics() -> None:
             torch.testing.assert_close(rank0.state_dict()[name], value, rtol=1e-6, atol=1e-7)
     # and the 6-batch average is not the 1-batch one: the batching is part of the definition
     assert not torch.allclose(reference.bn1.running_var, one.bn1.running_var)
+
+
+def test_from_config_is_the_run_s_precise_bn_and_off_at_zero_images() -> None:
+    cfg = load_config(["--eval.precise_bn_images=64", "--train.seed=5", "--model.channels_last=false"])
+    assert PreciseBN.from_config(cfg) == PreciseBN(images=64, seed=5, channels_last=False)
+    data, configured, direct = Images(), model(), model()
+    assert PreciseBN.from_config(cfg).recompute(configured, data, torch.device("cpu")) == 1
+    recompute_bn_statistics(direct, data, 64, seed=5, device=torch.device("cpu"), channels_last=False)
+    assert all(torch.equal(a, b) for a, b in zip(configured.buffers(), direct.buffers()))
+    untouched, before = model(), model()
+    assert PreciseBN(images=0, seed=5).recompute(untouched, data, torch.device("cpu")) == 0
+    assert all(torch.equal(a, b) for a, b in zip(untouched.buffers(), before.buffers()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinydist.config import ConfigError
+from tinydist.config import ConfigError, load_config
 from tinydist.data.sampler import GlobalSampler, eval_shard
 
 
@@ -130,3 +130,11 @@ def test_eval_shards_cover_every_row_once(num_samples, batch_size, world_size):
             assert 0 < len(batch) <= batch_size
             rows += batch.tolist()
     assert rows == list(range(num_samples))
+
+
+def test_from_config_is_the_run_s_sampler():
+    cfg = load_config(["--train.global_batch_size=16", "--train.micro_batch_size=4", "--train.seed=7"])
+    configured, direct = GlobalSampler.from_config(cfg, 100, world_size=2, rank=1), GlobalSampler(100, 16, 4, 2, 1, 7)
+    assert (configured.global_batch, configured.micro_batch, configured.seed, configured.accumulation) == (16, 4, 7, 2)
+    assert all(np.array_equal(a.indices, b.indices)
+               for a, b in zip(configured.rank_micro_batches(9), direct.rank_micro_batches(9)))

@@ -17,9 +17,9 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
+from tinydist.config import Config, MixConfig
 from tinydist.data.augment import batch_generator, crop_flip_params
-from tinydist.config import MixConfig
-from tinydist.data.mix import INACTIVE, MixParams, draw_mix
+from tinydist.data.mix import INACTIVE, MixParams, draw_mix, mix_enabled
 from tinydist.data.sampler import GlobalSampler
 
 
@@ -53,6 +53,14 @@ class Prefetcher:
             self._thread = threading.Thread(target=self._produce, args=(start, stop), name="tinydist-prefetch",
                                             daemon=True)
             self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg: Config, data: Any, sampler: GlobalSampler, start: int, stop: int,
+                    device: torch.device) -> Prefetcher:
+        """The training loop's: crops and flips as `data` says, drawn from `train.seed`, and CutMix /
+        MixUp only when `mix` turns one on (off, nothing is drawn for it)."""
+        return cls(data, sampler, start, stop, device, cfg.train.seed, cfg.data.crop_scale, cfg.data.hflip,
+                   cfg.mix if mix_enabled(cfg.mix) else None)
 
     def _load(self, step: int, micro: Any) -> Ready:
         pixels, labels = self.data.gather(micro.indices), self.data.labels[micro.indices]

@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from tinydist.config import ConfigError, accumulation_steps
+from tinydist.config import Config, ConfigError, accumulation_steps
 
 
 class MicroBatch(NamedTuple):
@@ -36,6 +36,13 @@ class GlobalSampler:
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.accumulation = accumulation_steps(global_batch, micro_batch, world_size)
         self.micro_batches_per_step = global_batch // micro_batch
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_samples: int, world_size: int = 1, rank: int = 0) -> GlobalSampler:
+        """The run's: `train.global_batch_size` images per step, in micro-batches of `train.micro_batch_size`,
+        in the order drawn from `train.seed`."""
+        return cls(num_samples, cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size, rank,
+                   cfg.train.seed)
 
     @property
     def steps_per_epoch(self) -> float:

@@ -14,6 +14,7 @@ import math
 import time
 from typing import Callable, Optional
 
+from tinydist.config import Config
 from tinydist.config.units import parse_every_minutes
 
 MIN_AUTO_MINUTES = 1.0
@@ -22,7 +23,6 @@ MIN_AUTO_MINUTES = 1.0
 def young_daly_minutes(save_cost_s: float, mtbf_minutes: float) -> float:
     """The interval (minutes) minimising expected lost time: sqrt(2 x save cost x time between failures)."""
     return max(MIN_AUTO_MINUTES, math.sqrt(2.0 * max(save_cost_s, 0.0) * mtbf_minutes * 60.0) / 60.0)
-
 
 
 class SaveClock:
@@ -34,6 +34,11 @@ class SaveClock:
         self.mtbf_minutes, self.log = mtbf_minutes, log
         self.cost_s: Optional[float] = None
         self.last = time.monotonic()
+
+    @classmethod
+    def from_config(cls, cfg: Config, log: Callable[[str], None] = print) -> SaveClock:
+        """`checkpoint.every_minutes`, with `checkpoint.mtbf_minutes` for `auto`."""
+        return cls(cfg.checkpoint.every_minutes, cfg.checkpoint.mtbf_minutes, log)
 
     def start(self, estimated_cost_s: float) -> None:
         """Log the cadence at start; with `auto`, from an estimate of a save's cost until one is measured."""

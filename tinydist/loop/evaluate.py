@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from tinydist.config import Config
 from tinydist.data.augment import eval_transform, to_device
 from tinydist.data.cache import ImageCache
 from tinydist.data.sampler import eval_shard
@@ -57,6 +59,26 @@ def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device:
     if flip:
         metrics.update({f"{prefix}/top1_flip": top1_flip / count, f"{prefix}/top5_flip": top5_flip / count})
     return metrics
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """`evaluate` as a run configures it: batches of `train.eval_batch_size`, the model's memory
+    format, and flip TTA (`eval.flip_tta`)."""
+
+    batch_size: int
+    channels_last: bool = True
+    flip: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Evaluator:
+        return cls(cfg.train.eval_batch_size, cfg.model.channels_last, cfg.eval.flip_tta)
+
+    def score(self, model: torch.nn.Module, cache: ImageCache, device: torch.device, world_size: int = 1,
+              rank: int = 0, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, autocast: Any = None,
+              prefix: str = "val") -> dict[str, float]:
+        return evaluate(model, cache, self.batch_size, device, world_size, rank, reduce, self.channels_last,
+                        autocast, self.flip, prefix)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,12 +17,14 @@ the sums are all-reduced, so the result is the same on any number of processes u
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from tinydist.config import Config
 from tinydist.data.augment import eval_transform, to_device
 
 PRECISE_BN_STREAM = 0x5EED_B4  # second word of the seed of the image choice: not the training stream's
@@ -81,3 +83,25 @@ def recompute_bn_statistics(model: nn.Module, data: Any, images: int, seed: int,
     for m, count in zip([m for m in layers if m.num_batches_tracked is not None], tracked):
         m.num_batches_tracked.copy_(count)
     return len(batches)
+
+
+@dataclass(frozen=True)
+class PreciseBN:
+    """PreciseBN as a run configures it: `images` training images (0: off), chosen by `seed`, fed in
+    the memory format the model trains in."""
+
+    images: int
+    seed: int
+    channels_last: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PreciseBN:
+        return cls(cfg.eval.precise_bn_images, cfg.train.seed, cfg.model.channels_last)
+
+    def recompute(self, model: nn.Module, data: Any, device: torch.device, world_size: int = 1, rank: int = 0,
+                  reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, autocast: Any = None) -> int:
+        """`recompute_bn_statistics` with these settings; 0 (nothing done) when off."""
+        if not self.images:
+            return 0
+        return recompute_bn_statistics(model, data, self.images, self.seed, device, world_size, rank, reduce,
+                                       self.channels_last, autocast)
