@@ -9,7 +9,7 @@
 #     | 2 configuration error (never relaunch) | anything else: crash
 #   tinydist.launch is `accelerate launch` (same flags) that keeps those codes (accelerate alone
 #   turns every failure into 1), forwards TERM/INT/USR1/HUP to the training processes and outlives
-#   them; see tinydist/launch.py. It never returns: call it last.
+#   them; see tinydist/runtime/launch.py. It never returns: call it last.
 #
 # Environment (all optional):
 #   CONFIG          training config            (default configs/tiny_imagenet_resnet18.yaml)

@@ -5,7 +5,8 @@
 #         CONFIG=configs/X.yaml OUTPUT_DIR=runs/a CHECKPOINT_DIR=s3://bucket/a launch/one_gpu.sh
 # Environment: CONFIG, OUTPUT_DIR, CHECKPOINT_DIR, RUN_NAME, ACCELERATE_ARGS (see launch/common.sh).
 # Exit codes (the training program's own, see launch/common.sh):
-#   0 finished | 75 saved and stopped: relaunch to resume | 2 configuration error | other: crash
+#   0 finished | 75 saved and stopped: relaunch to resume | 69 transient: relaunch with backoff
+#   | 2 configuration error | other: crash
 # Ctrl-C / SIGTERM / SIGUSR1 / SIGHUP, to this script's process (it becomes the launcher) or to all of its
 # processes, reach the training process, which saves at the next step and exits 75.
 set -euo pipefail

@@ -14,7 +14,7 @@
 #   BACKOFF_S        wait after the first crash (default 30), doubled after each further crash up
 #                    to MAX_BACKOFF_S (default 600); an exit 75 resets it
 #   PREEMPT_DELAY_S  wait after an exit 75 before relaunching (default 1)
-# Exit codes of the training (tinydist/exitcodes.py) and what this loop does with them:
+# Exit codes of the training (tinydist/runtime/exitcodes.py) and what this loop does with them:
 #   75 saved and stopped: relaunch after PREEMPT_DELAY_S; 69 transient (storage, network, hub, a lost
 #   peer, a live lease on the checkpoint dir) and crashes: relaunch with backoff; 2: stop.
 # Exit codes of this script:

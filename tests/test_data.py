@@ -1,5 +1,6 @@
-"""tinydist.data: every source layout loads to the same labelled images; the decode-once cache and its
-fingerprint; the zero-copy view; subsets; the offline `digits` source; one-line errors; the CLI."""
+"""tinydist.data.sources and tinydist.data.cache: every source layout loads to the same labelled
+images; the decode-once cache and its fingerprint; the zero-copy view; subsets; the offline `digits`
+source; one-line errors; the CLI."""
 
 from __future__ import annotations
 

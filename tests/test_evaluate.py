@@ -1,4 +1,4 @@
-"""tinydist.loop.evaluate.evaluate: plain metrics, flip TTA as its own metric, a prefix for the EMA."""
+"""tinydist.loop.evaluate: plain metrics, flip TTA as its own metric, a prefix for the EMA; Evaluator as configured."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """Input that is ready before the loop asks for it: on a GPU the next micro-batches are gathered from
-the decoded cache, their crop parameters drawn, and everything copied to the device (pinned,
-non-blocking, on a side CUDA stream) by a thread, while the current micro-batch computes. On the CPU
-the same steps run in line (a thread there competes with the compute for the same cores).
+the decoded cache, their crop (and CutMix / MixUp) parameters drawn, and everything copied to the
+device (pinned, non-blocking, on a side CUDA stream) by a thread, while the current micro-batch
+computes. On the CPU the same steps run in line (a thread there competes with the compute for the
+same cores).
 
-What the loop then does per micro-batch on the device is the crop + flip + normalise (augment.py)
-and the model. The thread only reads: the cache, the sampler (pure functions of the step), and
-the seeded crop generator (a pure function of seed, epoch and micro-batch index), so the data a step
-sees is the same with or without it, on any device and after any resume.
+What the loop then does per micro-batch on the device is the crop + flip + normalise (augment.py),
+the mix (mix.py) and the model. The thread only reads: the cache, the sampler (pure functions of the
+step), and the seeded generator (a pure function of seed, epoch and micro-batch index), so the data
+a step sees is the same with or without it, on any device and after any resume.
 """
 
 from __future__ import annotations

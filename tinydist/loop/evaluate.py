@@ -1,11 +1,12 @@
-"""Top-1 / top-5 / loss of a model on a split, and `python -m tinydist.evaluate`.
+"""Top-1 / top-5 / loss of a model on a split (`evaluate`; `Evaluator`: as a run's config sets it), and
+`python -m tinydist.evaluate`.
 
     python -m tinydist.evaluate --checkpoint runs/x/checkpoints/step-00001000 [--config FILE] [--data.source=...]
     python -m tinydist.evaluate --checkpoint runs/x/model [--split train] [--json]
 
 The command's metrics are named after the split scored: `val/top1`, `val/top5`, `val/loss` for the
 run's data.val_split (training's own names), `train/top1` ... for `--split train`; its JSON also
-holds `split` and `images`. Exit codes as every entry point (cli.py): a checkpoint that is not there
+holds `split` and `images`. Exit codes as every entry point (runtime/cli.py): a checkpoint that is not there
 or does not fit is 2, storage or the hub out of reach 69.
 """
 

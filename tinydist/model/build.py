@@ -1,4 +1,6 @@
-"""resnet18 for 64x64 inputs, with torchvision's key names so plain torchvision loads the weights."""
+"""resnet18 for 64x64 inputs, with torchvision's key names so plain torchvision loads the weights; the BN
+rule (`BNStatistics`: only a step's first micro-batch updates the running statistics), the parameters
+kept from weight decay (`no_decay`), and the step-0 guard against a softmax before the loss."""
 
 from __future__ import annotations
 

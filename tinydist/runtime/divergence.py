@@ -6,7 +6,7 @@ would pick the poisoned ones. Reading the loss every step would cost a host sync
 checks sit where the loop already syncs or copies:
 - the loss, summed on the device, is read at every log step (`log.every_steps`, the last step, a stop);
 - every tensor a save writes is checked on the host copy, in the writer thread, before the commit
-  (checkpoint.py): a non-finite one leaves the checkpoint uncommitted and stops the run.
+  (ckpt/checkpointer.py): a non-finite one leaves the checkpoint uncommitted and stops the run.
 So every checkpoint that exists was checked; retention deletes only older ones after a newer commit,
 and never in favour of an unchecked one. Divergence is a property of the config (too high a learning
 rate, bad data): a relaunch would diverge again, so it is a PermanentError (exit 2).
