@@ -1,5 +1,5 @@
-"""python -m tinydist.bench: the verdict part of a figure line, and `all --quick` end to end (every figure
-runs at tiny sizes and prints its line; the numbers it measured parse, the ratios are not shown)."""
+"""python -m tinydist.bench: the verdict part of a figure line, the command's figures, and `all --quick` end to
+end (every figure runs at tiny sizes and prints its line; the numbers it measured parse, the ratios are not shown)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tinydist.bench import suite as bench
+from tinydist.bench.common import verdict
 from train_helpers import PYTHON, describe, run, train_env
 
 QUICK = "not shown (quick sizes: ratios mean nothing)"
@@ -25,9 +26,9 @@ QUICK_LINES = {
 
 
 def test_verdict_keeps_the_full_line_and_drops_ratios_when_quick() -> None:
-    assert bench.verdict(False, "ratio", "4.8x", ">= 5") == "-> ratio 4.8x (goal >= 5)"
-    assert bench.verdict(False, "overhead", "+7.2%", "<= 3%") == "-> overhead +7.2% (goal <= 3%)"
-    quick = bench.verdict(True, "overhead", "-138.7%", "<= 3%")
+    assert verdict(False, "ratio", "4.8x", ">= 5") == "-> ratio 4.8x (goal >= 5)"
+    assert verdict(False, "overhead", "+7.2%", "<= 3%") == "-> overhead +7.2% (goal <= 3%)"
+    quick = verdict(True, "overhead", "-138.7%", "<= 3%")
     assert quick == f"-> overhead {QUICK}"
     assert not any(c.isdigit() for c in quick) and "goal" not in quick
 

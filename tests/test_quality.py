@@ -1,5 +1,6 @@
 """`python -m tinydist.bench quality` and what it checks: crops resampled once, antialiased, from a cache
-kept at more detail than the model's input (augment.resize_matrix, data.load_split(detail=2))."""
+kept at more detail than the model's input (augment.resize_matrix, data.load_split(detail=2)); its tinydist
+side is training itself (train_step, validate), the recipe as configured."""
 
 from __future__ import annotations
 
@@ -93,6 +94,41 @@ def test_table_and_verdict_parse():
     assert lines[-1].startswith("verdict: tinydist") and gap and float(gap.group(1)) == pytest.approx(-0.4)
 
 
+def test_tinydist_side_trains_the_recipe_with_train_step(tmp_path, monkeypatch):
+    """Every step is train.train_step; CutMix/MixUp, the EMA and PreciseBN all run when the config turns them on."""
+    import tinydist.train as train
+    from tinydist import config
+    from tinydist.bench import quality
+
+    calls = {"train_step": 0, "apply_mix": 0, "recompute_bn_statistics": 0}
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(quality, "train_step")
+    counted(train, "apply_mix")
+    counted(train, "recompute_bn_statistics")
+    cfg = config.load_config(["--config", quality.SMOKE_RECIPE, f"--data.cache_dir={tmp_path}/cache",
+                              "--data.image_size=16", "--data.max_train_samples=96", "--data.max_val_samples=32",
+                              "--train.global_batch_size=32", "--train.micro_batch_size=16", "--train.epochs=1",
+                              "--mix.cutmix_alpha=1.0", "--mix.prob=1.0", "--eval.precise_bn_images=32",
+                              "--log.report_to=[]"])
+    assert cfg.ema.enabled  # the smoke recipe's
+    metrics = quality.run_tinydist(cfg, seed=0, detail=1)
+    assert calls["train_step"] == 3  # 96 images / 32 per step, one epoch
+    assert calls["apply_mix"] == 3 * 2  # every micro-batch: 2 per step
+    assert calls["recompute_bn_statistics"] == 2  # the weights, then their average
+    assert {"val/top1", "val_ema/top1"} <= set(metrics), metrics
+    assert quality.top1_key(cfg) == "val/top1" and quality.top1_key(
+        config.load_config(["--ema.enabled=true", "--export.weights=ema"])) == "val_ema/top1"
+
+
 @pytest.mark.slow
 def test_bench_quality_end_to_end(tmp_path, capsys):
     from tinydist.bench.quality import main
@@ -103,4 +139,21 @@ def test_bench_quality_end_to_end(tmp_path, capsys):
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(tinydist|torchvision)\s+([\d.]+)\s+[\d.]+$", out, re.M)}
     assert set(rows) == {"tinydist", "torchvision"}, out
     assert all(acc > 50 for acc in rows.values()), out  # 10 digits: chance is 10%
+    assert re.search(r"^verdict: tinydist - torchvision = [+-]\d+\.\d+ points", out, re.M), out
+    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+\)$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
+    """`python -m tinydist.bench quality --quick`, with the main recipe's mix, EMA and PreciseBN switched on."""
+    from tinydist.bench import suite
+
+    code = suite.main(["quality", "--quick", f"--data.cache_dir={tmp_path}/cache", "--mix.cutmix_alpha=1.0",
+                       "--mix.prob=0.5", "--eval.precise_bn_images=256", "--export.weights=ema"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "quick sizes" in out.splitlines()[0], out
+    assert ("tinydist: the recipe as configured (train_step, validate): mix cutmix 1 / mixup 0, prob 0.5; EMA decay "
+            "0.9998; PreciseBN 256 images;") in out, out
+    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+\)$", out, re.M), out
     assert re.search(r"^verdict: tinydist - torchvision = [+-]\d+\.\d+ points", out, re.M), out

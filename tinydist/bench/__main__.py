@@ -1,4 +1,5 @@
-"""python -m tinydist.bench: speed and quality figures, each against a baseline in the same run (tinydist/bench/suite.py)."""
+"""python -m tinydist.bench: speed and quality figures, each against a baseline in the same run
+(the command: tinydist/bench/suite.py)."""
 
 import sys
 

@@ -1,27 +1,32 @@
-"""Does the fast pipeline cost accuracy? tinydist's training loop against a plain per-image
-torchvision/DataLoader loop: same data, model, optimizer, schedule, epochs, micro-batches and seeds.
+"""Does the fast pipeline cost accuracy? tinydist's training, the recipe as configured, against a plain
+per-image torchvision/DataLoader loop: same data, model, optimizer, schedule, epochs, micro-batches and seeds.
 
-    python -m tinydist.bench quality [--seeds 0 1] [--epochs 3] [--config FILE] [--section.key=VALUE ...]
+    python -m tinydist.bench quality [--quick] [--seeds 0 1] [--epochs 3] [--config FILE] [--section.key=VALUE ...]
     python -m tinydist.bench quality --make-photos DIR [--photos-from FOLDER]   # an offline photo source
     python -m tinydist.bench quality --data.source=DIR --data.crop_scale=[0.08,1.0] --data.hflip=true
 
 Default: configs/smoke.yaml (offline digits, 32 px), 3 epochs, seeds 0 and 1: a few minutes on 2 cores.
-tinydist's side is the loop of train.py rebuilt here from the project's own pieces, in-process (one
-process, no Accelerate): GlobalSampler -> Prefetcher (cache gather + crops drawn from (seed, epoch,
-micro-batch)) -> augment() on the device -> model, BN statistics from each step's first micro-batch
-(model.BNStatistics), loss / accumulation, optimizer and schedule stepped per global batch, then
-evaluate.evaluate on the val cache. Variants: `tinydist` is train.py's default (data.train_detail=2:
-the train cache at up to 2x data.image_size, each crop resampled once, antialiased, to data.image_size);
-`tinydist-legacy` is data.train_detail=1 (the cache at data.image_size + bilinear grid_sample), the
-pipeline before the fix. The baseline decodes the source's own images per item with PIL:
+`--quick`: one seed, one epoch on a subset; checks that it runs, not what it says.
+
+tinydist's side is training itself, in this process (one process, under Accelerate): `build_run`
+(loop/run.py) and `train_step` (train.py) for every step, then `validate` (train.py), exactly as
+`python -m tinydist.train` runs them. So everything the config turns on is measured: the BN rule,
+CutMix/MixUp (`mix.*`), the EMA (`ema.*`), PreciseBN (`eval.precise_bn_images`). Its top-1 is that of
+the weights the export would hold (`export.weights`: raw, or the EMA); both are printed per run.
+Variants: `tinydist` is the config's `data.train_detail` (default 2: the train cache at up to 2x
+data.image_size, each crop resampled once, antialiased, to data.image_size); `tinydist-legacy` is
+data.train_detail=1 (the cache at data.image_size + bilinear grid_sample), the pipeline before the fix.
+
+The baseline stays bare, as a plain loop is: it decodes the source's own images per item with PIL:
 RandomResizedCrop(size, scale=crop_scale, antialias=True), RandomHorizontalFlip (if data.hflip),
 ToTensor, Normalize; eval Resize(size) + CenterCrop(size); batches = the same GlobalSampler
-micro-batches, BN statistics updated by every forward (a plain loop).
+micro-batches, BN statistics updated by every forward, hard labels, no mixing, no EMA, no PreciseBN.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import os
@@ -35,66 +40,74 @@ import torch
 import torch.nn.functional as F
 
 from tinydist import config as config_lib
-from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment
-from tinydist.data.cache import _subset, load_split, open_source
-from tinydist.loop.evaluate import evaluate
+from tinydist.bench.common import SMOKE_RECIPE
+from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from tinydist.data.cache import _subset, load_train_val, open_source
+from tinydist.data.mix import mix_enabled
+from tinydist.data.sampler import GlobalSampler
+from tinydist.loop.accel import make_accelerator
+from tinydist.loop.run import build_run
 from tinydist.model.build import BNStatistics, build_model
 from tinydist.model.optim import build_optimizer, lr_at, set_lr
-from tinydist.data.prefetch import Prefetcher
-from tinydist.data.sampler import GlobalSampler
+from tinydist.train import train_step, validate
 
-SMOKE_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                            "smoke.yaml")
 VARIANTS = ("tinydist", "tinydist-legacy", "torchvision")
+# --quick: before the user's own overrides, which win.
+QUICK_OVERRIDES = ["--data.max_train_samples=512", "--data.max_val_samples=128"]
 
 
-def _setup(cfg: config_lib.Config, train_rows: int, seed: int) -> tuple[GlobalSampler, int, int]:
+class EveryMicroBatch(BNStatistics):
+    """--bn-every: BN statistics counted from every micro-batch, as the baseline's plain loop counts them."""
+
+    def keep(self) -> None:
+        pass
+
+    def restore(self) -> None:
+        pass
+
+
+def top1_key(cfg: config_lib.Config) -> str:
+    """The metric of the weights the export holds: the EMA's when `export.weights` is ema."""
+    return "val_ema/top1" if cfg.export.weights == "ema" else "val/top1"
+
+
+def run_tinydist(cfg: config_lib.Config, seed: int, detail: int, log: Callable[[str], None] = lambda _: None,
+                 bn_every: bool = False) -> dict[str, float]:
+    """Training as train.py runs it, on one process, seed `seed`, train cache at `detail`; the metrics of
+    its final validation (val/*, and val_ema/* when the EMA is on)."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed),
+                              data=dataclasses.replace(cfg.data, train_detail=detail))
+    accelerator = make_accelerator(cfg)
+    run = build_run(cfg, accelerator, *load_train_val(cfg.data, log=log))
+    if bn_every:
+        run.bn_statistics = EveryMicroBatch(run.bare_model)
+    run.start_loop()
+    try:
+        while run.step < run.last_step:
+            train_step(run)
+    finally:
+        run.close()
+    return validate(run)
+
+
+def _baseline_setup(cfg: config_lib.Config, train_rows: int, seed: int) -> tuple[GlobalSampler, int, int]:
     sampler = GlobalSampler(train_rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, 1, 0, seed)
     total = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
     warmup = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
     return sampler, total, warmup
 
 
-def _model(cfg: config_lib.Config, num_classes: int, seed: int) -> tuple[Any, Any]:
-    torch.manual_seed(seed)  # as train.py: the same initial weights for every variant of a seed
+def _baseline_model(cfg: config_lib.Config, num_classes: int, seed: int) -> tuple[Any, Any]:
+    torch.manual_seed(seed)  # as train.py: the same initial weights as tinydist's run of this seed
     model = build_model(cfg.model, num_classes)
     model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     return model, build_optimizer(cfg.optim, model)
 
 
-def _optimizer_step(cfg: config_lib.Config, optimizer: Any, step: int, total: int, warmup: int) -> None:
+def _baseline_optimizer_step(cfg: config_lib.Config, optimizer: Any, step: int, total: int, warmup: int) -> None:
     set_lr(optimizer, *lr_at(cfg.optim, step, total, warmup))  # the schedule: a pure function of the step
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def run_tinydist(cfg: config_lib.Config, seed: int, detail: int, device: torch.device,
-                 log: Callable[[str], None] = lambda _: None, bn_every: bool = False) -> float:
-    """train.py's loop on one process (see the module docstring); val top-1."""
-    train_data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, log=log, detail=detail)
-    val_data = load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples, log=log)
-    sampler, total, warmup = _setup(cfg, len(train_data), seed)
-    model, optimizer = _model(cfg, len(train_data.classes), seed)
-    bn = BNStatistics(model)
-    size = cfg.data.image_size if train_data.side != cfg.data.image_size else None
-    prefetch = Prefetcher(train_data, sampler, 0, total, device, seed, cfg.data.crop_scale, cfg.data.hflip)
-    model.to(device).train()
-    try:
-        for step in range(total):
-            for _ in range(sampler.accumulation):
-                micro = prefetch.next()
-                inputs = augment(micro.images, micro.theta, cfg.model.channels_last, size)
-                counts = bn_every or micro.index % sampler.micro_batches_per_step == 0
-                if not counts:
-                    bn.keep()
-                loss = F.cross_entropy(model(inputs), micro.labels, label_smoothing=cfg.optim.label_smoothing)
-                (loss / sampler.accumulation).backward()
-                if not counts:
-                    bn.restore()
-            _optimizer_step(cfg, optimizer, step, total, warmup)
-    finally:
-        prefetch.close()
-    return evaluate(model, val_data, cfg.train.eval_batch_size, device, channels_last=cfg.model.channels_last)["val/top1"]
 
 
 class PilImages(torch.utils.data.Dataset):
@@ -130,18 +143,18 @@ def run_torchvision(cfg: config_lib.Config, seed: int, device: torch.device, wor
     eval_tf = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), normal])
     train_set = PilImages(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, train_tf)
     val_set = PilImages(cfg.data, cfg.data.val_split, cfg.data.max_val_samples, eval_tf)
-    sampler, total, warmup = _setup(cfg, len(train_set), seed)
-    model, optimizer = _model(cfg, len(train_set.classes), seed)
+    sampler, total, warmup = _baseline_setup(cfg, len(train_set), seed)
+    model, optimizer = _baseline_model(cfg, len(train_set.classes), seed)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     batches = [m.indices for step in range(total) for m in sampler.rank_micro_batches(step)]
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=workers)
     model.to(device).train()
-    for i, (x, y) in enumerate(loader):  # the transforms draw from torch's generator, seeded in _model
+    for i, (x, y) in enumerate(loader):  # the transforms draw from torch's generator, seeded in _baseline_model
         x = x.to(device, memory_format=memory_format)
         loss = F.cross_entropy(model(x), y.to(device), label_smoothing=cfg.optim.label_smoothing)
         (loss / sampler.accumulation).backward()
         if (i + 1) % sampler.accumulation == 0:
-            _optimizer_step(cfg, optimizer, i // sampler.accumulation, total, warmup)
+            _baseline_optimizer_step(cfg, optimizer, i // sampler.accumulation, total, warmup)
     model.eval()
     hits = 0
     with torch.no_grad():
@@ -216,13 +229,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return cli.run(lambda: quality(argv))
 
 
+def recipe_line(cfg: config_lib.Config) -> str:
+    """What tinydist's side trains beyond the baseline's plain loop, as the config turns it on."""
+    mix = (f"cutmix {cfg.mix.cutmix_alpha:g} / mixup {cfg.mix.mixup_alpha:g}, prob {cfg.mix.prob:g}"
+           if mix_enabled(cfg.mix) else "off")
+    ema = f"decay {cfg.ema.decay:g}" if cfg.ema.enabled else "off"
+    precise = f"{cfg.eval.precise_bn_images} images" if cfg.eval.precise_bn_images else "off"
+    return (f"tinydist: the recipe as configured (train_step, validate): mix {mix}; EMA {ema}; PreciseBN {precise}; "
+            f"label smoothing {cfg.optim.label_smoothing:g}; top-1 of export.weights={cfg.export.weights} "
+            f"({top1_key(cfg)}); torchvision: plain loop, none of these")
+
+
 def quality(argv: Optional[Sequence[str]]) -> int:
     """The command (`python -m tinydist.bench quality ...`); raises what went wrong, for cli.run."""
     parser = argparse.ArgumentParser(prog="python -m tinydist.bench quality", description=__doc__.split("\n\n")[0],
                                      epilog="Any other argument is a config override, as for training "
                                             "(default recipe: configs/smoke.yaml).")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--epochs", type=float, default=3.0, help="train.epochs for every run (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, one epoch, a subset of the data: checks that it runs (CI)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 (--quick: 0)")
+    parser.add_argument("--epochs", type=float, default=None, help="train.epochs for every run (default 3; --quick: 1)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tinydist", "torchvision"])
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (default 0)")
     parser.add_argument("--bn-every", action="store_true",
@@ -235,25 +261,34 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     if opts.make_photos:
         print(make_photo_source(opts.make_photos, opts.photos_from, *opts.photo_counts))
         return 0
+    seeds = opts.seeds or ([0] if opts.quick else [0, 1])
+    epochs = opts.epochs if opts.epochs is not None else (1.0 if opts.quick else 3.0)
     recipe = [] if any(a == "--config" or a.startswith("--config=") for a in overrides) else ["--config", SMOKE_RECIPE]
-    cfg = config_lib.load_config(recipe + [f"--train.epochs={opts.epochs}", "--log.report_to=[]"] + overrides,
+    quick = QUICK_OVERRIDES if opts.quick else []
+    cfg = config_lib.load_config(recipe + quick + [f"--train.epochs={epochs}", "--log.report_to=[]"] + overrides,
                                  prog="python -m tinydist.bench quality")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"quality: {cfg.data.source} at {cfg.data.image_size}px, {cfg.model.stem} stem, {cfg.train.epochs:g} epochs, "
           f"global batch {cfg.train.global_batch_size} (micro {cfg.train.micro_batch_size}), crop_scale "
-          f"{list(cfg.data.crop_scale)}, hflip {cfg.data.hflip}, seeds {opts.seeds}, {device.type}", flush=True)
+          f"{list(cfg.data.crop_scale)}, hflip {cfg.data.hflip}, seeds {seeds}, {device.type}"
+          f"{', quick sizes' if opts.quick else ''}", flush=True)
+    print(recipe_line(cfg), flush=True)
     results: dict[str, list[float]] = {v: [] for v in opts.variants}
-    for seed in opts.seeds:
+    for seed in seeds:
         for variant in opts.variants:
             t0 = time.perf_counter()
+            detail = ""
             if variant == "torchvision":
                 acc = run_torchvision(cfg, seed, device, opts.workers)
             else:
-                acc = run_tinydist(cfg, seed, 2 if variant == "tinydist" else 1, device,
-                                   lambda m: print(m, file=sys.stderr), opts.bn_every)
+                metrics = run_tinydist(cfg, seed, cfg.data.train_detail if variant == "tinydist" else 1,
+                                       lambda m: print(m, file=sys.stderr), opts.bn_every)
+                acc = metrics[top1_key(cfg)]
+                detail = "".join(f", {name} {100 * metrics[key]:.2f}" for name, key in
+                                 (("raw", "val/top1"), ("ema", "val_ema/top1")) if key in metrics)
             results[variant].append(acc)
-            print(f"  {variant} seed {seed}: top-1 {100 * acc:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print("\n".join(table(results, opts.seeds)))
+            print(f"  {variant} seed {seed}: top-1 {100 * acc:.2f} ({time.perf_counter() - t0:.0f} s{detail})",
+                  flush=True)
+    print("\n".join(table(results, seeds)))
     return 0
-
