@@ -35,7 +35,7 @@ import signal
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from tinydist.runtime.exitcodes import one_line
+from tinydist.runtime.error_text import first_line
 from tinydist.runtime.host import machine_id, pid_alive
 
 FULL_HASH_BYTES = 256 << 20
@@ -179,13 +179,6 @@ def _check_bytes(path: str, name: str, record: dict[str, Any], whole: bool) -> N
         raise CacheMismatch(f"{name} is unreadable: {first_line(e)}") from None
     if found != expected:
         raise CacheMismatch(f"{name}: {how} {found[:12]}..., expected {expected[:12]}...")
-
-
-def first_line(error: BaseException) -> str:
-    """What an error from a library (pyarrow, PIL, datasets, the hub) says first: the rest of its
-    message is often a traceback-like tail or advice for another tool. Its type's name if it says nothing."""
-    lines = str(error).strip().splitlines()
-    return one_line(lines[0])[:200] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

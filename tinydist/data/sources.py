@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tinydist.config import ConfigError
-from tinydist.data.cache_files import first_line
+from tinydist.runtime.error_text import first_line
 from tinydist.runtime.exitcodes import TransientError
 
 SPLIT_ALIASES = (("valid", "validation", "val"), ("train",), ("test",))

@@ -27,7 +27,7 @@ import fsspec
 
 from tinydist.config import Config, ConfigError, to_dict
 from tinydist.runtime.divergence import finite_or_none
-from tinydist.runtime.exitcodes import one_line
+from tinydist.runtime.error_text import first_line
 from tinydist.ckpt.storage import Storage, StorageError
 
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
@@ -123,11 +123,6 @@ def _wandb_settings(wandb: Any, **values: float) -> Any:
     fields = getattr(wandb.Settings, "model_fields", None)  # pydantic settings (wandb >= 0.19)
     known = set(fields) if fields is not None else {"init_timeout"}
     return wandb.Settings(**{key: value for key, value in values.items() if key in known})
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {one_line(text[0])[:200]}" if text else type(error).__name__
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -235,7 +230,8 @@ class RunLog:
         try:
             return self._start(name, project, config, staging)
         except Exception as e:  # noqa: BLE001 - a tracker raises what its library raises; none may stop training
-            self.say(f"warning: {name} dropped: it could not start ({_first_line(e)}); training goes on")
+            self.say(f"warning: {name} dropped: it could not start ({first_line(e, named=True)}); "
+                     "training goes on")
             return None
 
     def _start_wandb(self, cfg: Config, staging: str, config: dict[str, Any]) -> Any:
@@ -261,16 +257,19 @@ class RunLog:
             try:
                 return self._start("wandb", cfg.log.project, config, staging, **kwargs)
             except Exception as e:  # noqa: BLE001 - wandb raises CommError, UsageError, TimeoutError, OSError...
-                why = f"could not start online ({_first_line(e)}; init_timeout {kwargs['settings'].init_timeout:g} s)"
+                why = (f"could not start online ({first_line(e, named=True)}; "
+                       f"init_timeout {kwargs['settings'].init_timeout:g} s)")
                 _abandon_wandb(wandb)  # the failed run holds its id in wandb's service until torn down
                 if mode in ("offline", "disabled"):  # nothing else to fall back to
-                    self.say(f"warning: wandb dropped: it could not start ({_first_line(e)}); training goes on")
+                    self.say(f"warning: wandb dropped: it could not start ({first_line(e, named=True)}); "
+                             "training goes on")
                     return None
         try:
             tracker = self._start("wandb", cfg.log.project, config, staging, mode="offline", **kwargs)
         except Exception as e:  # noqa: BLE001 - as above: the run goes on without W&B
             _abandon_wandb(wandb)
-            self.say(f"warning: wandb dropped: {why}, and not even offline ({_first_line(e)}); training goes on")
+            self.say(f"warning: wandb dropped: {why}, and not even offline ({first_line(e, named=True)}); "
+                     "training goes on")
             return None
         run_dir = os.path.dirname(tracker.run.dir.rstrip("/"))  # .../wandb/offline-run-<time>-<id>/files
         self.say(f"warning: W&B: {why}; logging offline to run {self.run_id}: upload later with `wandb sync {run_dir}`")
@@ -279,8 +278,8 @@ class RunLog:
     def _drop(self, tracker: Any, error: BaseException) -> None:
         self.trackers.remove(tracker)
         self._dropped.append(tracker)
-        self.say(f"warning: {tracker.name} dropped: logging to it failed ({_first_line(error)}); training goes on, "
-                 "metrics.jsonl has every record")
+        self.say(f"warning: {tracker.name} dropped: logging to it failed ({first_line(error, named=True)}); "
+                 "training goes on, metrics.jsonl has every record")
 
     def position(self, step: int) -> dict[str, Any]:
         samples = step * self.global_batch
@@ -324,7 +323,7 @@ class RunLog:
                     tracker.finish()
                 except Exception as e:  # noqa: BLE001 - the run is over: a tracker's close must not change its code
                     if tracker in working:  # a dropped one was already reported
-                        self.say(f"warning: {tracker.name} could not close cleanly ({_first_line(e)})")
+                        self.say(f"warning: {tracker.name} could not close cleanly ({first_line(e, named=True)})")
             self.metrics.close()
         self.accelerator.end_training()
 

@@ -15,6 +15,7 @@ import datetime
 import re
 from typing import Any, Sequence
 
+from tinydist.runtime.error_text import first_line
 from tinydist.runtime.exitcodes import TransientError
 
 # How gloo and NCCL report a peer that died or went silent. torch raises a plain RuntimeError for
@@ -88,8 +89,7 @@ class Peers:
         if not ranks and self.world_size == 2:  # gloo names an address, not a rank; of two, it is the other
             ranks = [1 - self.rank]
         who = f"rank(s) {ranks}" if ranks else "a peer"
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         return PeerLostError(f"{who} lost while {what} (rank {self.rank} waited at most "
-                             f"train.peer_timeout_s={self.timeout_s:g} s): {first}")
+                             f"train.peer_timeout_s={self.timeout_s:g} s): {first_line(error)}")
 
 
