@@ -1,6 +1,6 @@
-"""tinydist.runtime.host and error_text: the one machine identity and pid check (the checkpoint lease
-and the decode cache's temp folders judge other processes by them), and the one way an exception is
-quoted at the end of a message of ours."""
+"""tinydist.runtime.host and quote: the one machine identity and pid check (the checkpoint lease and
+the decode cache's temp folders judge other processes by them), and the one way a message of ours
+quotes an exception or a service's answer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from tinydist.data import cache_files
-from tinydist.runtime.error_text import QUOTE_LIMIT, first_line
+from tinydist.runtime.quote import QUOTE_LIMIT, clipped, first_line
 from tinydist.runtime.host import machine_id, pid_alive
 
 
@@ -42,3 +42,8 @@ def test_first_line_quotes_the_first_line_folded_and_cut() -> None:
     assert first_line(error, named=True) == "OSError: disk says no"
     assert first_line(ValueError()) == first_line(ValueError("  \n"), named=True) == "ValueError"
     assert len(first_line(RuntimeError("x" * 1000))) == QUOTE_LIMIT
+
+
+def test_clipped_keeps_all_of_a_short_answer_and_marks_a_cut() -> None:
+    assert clipped("<html>\n  <body>busy</body>\n</html>") == "<html> <body>busy</body> </html>"
+    assert clipped("a b " * 50, 20) == "a b a b a b a b a..." and len(clipped("y" * 500)) == QUOTE_LIMIT

@@ -38,7 +38,7 @@ from tinydist.data import cache_files
 from tinydist.data.cache_files import CacheMismatch
 from tinydist.data.sources import DataError, Source, open_source
 from tinydist.runtime import cli
-from tinydist.runtime.error_text import first_line
+from tinydist.runtime.quote import first_line
 
 
 # Bump when the decoded layout or content changes, so old caches are rebuilt. 2: 16-bit images scaled

@@ -35,7 +35,7 @@ import signal
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from tinydist.runtime.error_text import first_line
+from tinydist.runtime.quote import first_line
 from tinydist.runtime.host import machine_id, pid_alive
 
 FULL_HASH_BYTES = 256 << 20

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tinydist.config import ConfigError
-from tinydist.runtime.error_text import first_line
+from tinydist.runtime.quote import first_line
 from tinydist.runtime.exitcodes import TransientError
 
 SPLIT_ALIASES = (("valid", "validation", "val"), ("train",), ("test",))

@@ -27,7 +27,7 @@ import fsspec
 
 from tinydist.config import Config, ConfigError, to_dict
 from tinydist.runtime.divergence import finite_or_none
-from tinydist.runtime.error_text import first_line
+from tinydist.runtime.quote import first_line
 from tinydist.ckpt.storage import Storage, StorageError
 
 WANDB_DEFAULT_URL = "https://api.wandb.ai"

@@ -32,7 +32,7 @@ import time
 import urllib.parse
 from typing import Callable, Optional
 
-from tinydist.runtime.exitcodes import one_line
+from tinydist.runtime.quote import clipped
 
 PROVIDERS = ("aws", "gcp", "azure")
 MODES = ("off", "auto") + PROVIDERS  # accepted by start_watcher; for config validation
@@ -166,12 +166,6 @@ def _base(provider: str, metadata_url: Optional[str]) -> str:
 
 def _unexpected(resp: _Response, what: str) -> MetadataError:
     return MetadataError(f"{what}: HTTP {resp.status} {clipped(resp.text(), 80)}".rstrip())
-
-
-def clipped(text: str, limit: int = 200) -> str:
-    """`text` as one line of at most `limit` characters: what a service or an error said, quoted in ours."""
-    text = one_line(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- the three dialects --------------------------------------------------------------------------

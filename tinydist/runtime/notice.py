@@ -14,7 +14,8 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
-from tinydist.runtime.cloud_metadata import PROVIDERS, MODES, REQUEST_TIMEOUT_S, check_once, clipped, detect_provider
+from tinydist.runtime.cloud_metadata import MODES, PROVIDERS, REQUEST_TIMEOUT_S, check_once, detect_provider
+from tinydist.runtime.quote import clipped
 
 
 class NoticeWatcher:

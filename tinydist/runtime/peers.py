@@ -15,7 +15,7 @@ import datetime
 import re
 from typing import Any, Sequence
 
-from tinydist.runtime.error_text import first_line
+from tinydist.runtime.quote import first_line
 from tinydist.runtime.exitcodes import TransientError
 
 # How gloo and NCCL report a peer that died or went silent. torch raises a plain RuntimeError for

@@ -1,8 +1,9 @@
-"""An exception as the short, one-line quote that our own messages end with.
+"""What our one-line messages quote of others: an exception's first line, a service's answer clipped.
 
 Libraries (pyarrow, PIL, datasets, the hub client, torch's process groups) put what went wrong on
 their message's first line and follow it with advice for other tools or a traceback-like tail; a
-message of ours quotes that first line, folded like every line the user sees (`exitcodes.one_line`).
+metadata service may answer a page of HTML. A message of ours quotes the part that says what
+happened, folded like every line the user sees (`exitcodes.one_line`) and bounded.
 """
 
 from __future__ import annotations
@@ -20,3 +21,9 @@ def first_line(error: BaseException, *, named: bool = False) -> str:
         return type(error).__name__
     text = one_line(lines[0])[:QUOTE_LIMIT]
     return f"{type(error).__name__}: {text}" if named else text
+
+
+def clipped(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """All of `text` as one line of at most `limit` characters, `...` marking a cut."""
+    text = one_line(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
