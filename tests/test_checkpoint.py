@@ -224,19 +224,19 @@ def test_parameters_are_copied_while_the_loop_runs_until_the_barrier(tmp_path):
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     ck = Checkpointer(str(tmp_path), keep_last=2, log=Logs())
     gate = threading.Event()
-    real_to_host = ck._to_host
+    real_copy = ck._snapshot.copy
 
-    def slow_to_host(tensors, prefix, buffers=None):
+    def slow_copy(tensors, prefix, buffers=None):
         if prefix == "optimizer/":  # the background part: held until the test lets it go
             assert gate.wait(30)
-        return real_to_host(tensors, prefix, buffers)
+        return real_copy(tensors, prefix, buffers)
 
-    ck._to_host = slow_to_host
+    ck._snapshot.copy = slow_copy
     ck.save(5, model, opt, {})
     with torch.no_grad():  # the next forward changes BN buffers at once: they were copied already
         for name, buffer in model.named_buffers():
             buffer.add_(1)
-    assert not ck._inflight.snapshot.is_set()  # still copying in the background
+    assert not ck._inflight.pending.copied.is_set()  # still copying in the background
     gate.set()
     ck.snapshot_barrier()  # what the loop calls before its optimizer step
     with torch.no_grad():
@@ -300,7 +300,7 @@ def _index_points(target: str):
         index["weight_map"]["fc.weight"] = target
         index_path.write_text(json.dumps(index))
         reseal(folder)
-        return "leaves the checkpoint folder"
+        return "leaves the folder"
     return corrupt
 
 
@@ -461,13 +461,13 @@ def test_stale_part_file_from_an_interrupted_attempt_is_not_trusted(tmp_path):
         "sha256": hashlib.sha256(leftover).hexdigest(), "bytes": len(leftover)}}}
     (folder / "part-00001.json").write_text(json.dumps(stale))
     ranks = [Checkpointer(str(tmp_path), keep_last=2, rank=r, world_size=2, log=Logs()) for r in range(2)]
-    waiting, real_wait = threading.Event(), ranks[0]._wait_for_parts
+    waiting, real_wait = threading.Event(), ranks[0]._committer.wait_for_parts
 
     def wait_for_parts(*args, **kwargs):  # rank 0 wrote its own files and now looks for the others' parts
         waiting.set()
         return real_wait(*args, **kwargs)
 
-    ranks[0]._wait_for_parts = wait_for_parts
+    ranks[0]._committer.wait_for_parts = wait_for_parts
     ranks[0].save(4, model, opt, {})
     assert waiting.wait(60)
     time.sleep(0.5)  # several polls, each of which sees the stale part and its file at the listed size

@@ -1,11 +1,13 @@
-"""The exported model folder (weights, config.json, model card) and the one verified reader of the
-sharded layout (tinydist.export.writer.load_model_weights / load_export). In-process and fast: no training."""
+"""The exported model folder (weights, config.json, model card, checksums in the index) and the readers of
+model weights (tinydist.export.writer.load_model_weights / load_export), which verify exports like
+checkpoints through tinydist.ckpt.layout. In-process and fast: no training."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
 import copy
+import hashlib
 import inspect
 import io
 import json
@@ -213,16 +215,90 @@ def test_reader_refuses_missing_shard_and_missing_tensor(tmp_path):
         load_model_weights(str(folder))
 
 
+def reseal_export(folder: Path) -> None:
+    """Fix up the checksums in an edited export's index, as a careful someone would: what fails
+    afterwards fails because of the edit itself."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for name in index["metadata"]["files"]:
+        data = (folder / name).read_bytes()
+        index["metadata"]["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    index_path.write_text(json.dumps(index))
+
+
 def test_reader_refuses_a_bad_config_json(tmp_path):
     folder = tmp_path / "model"
     export_tiny(folder, tiny_config())
     config = json.loads((folder / "config.json").read_text())
     config["stem"] = "resnet"
     (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mismatch on file config.json"):  # edited: its checksum says so
+        load_export(str(folder))
+    reseal_export(folder)
     with pytest.raises(CheckpointError, match="config.json `stem` = 'resnet'; expected 'cifar' or 'imagenet'"):
         load_export(str(folder))
     with pytest.raises(CheckpointError, match="applies to checkpoint folders only"):
         load_model_weights(str(folder), weights="ema")
+
+
+def test_index_carries_the_checksums_of_every_file_a_reader_uses(tmp_path):
+    folder = tmp_path / "model"
+    export_tiny(folder, tiny_config(), curves_png=PNG)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert set(index["metadata"]["files"]) == shards | {"config.json"}  # the card and curves are for people
+    for name, entry in index["metadata"]["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in load_export(str(folder))[0].values())
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a tensor: same size, still parses as safetensors
+    path.write_bytes(bytes(data))
+
+
+def test_reader_verifies_exports_like_checkpoints(tmp_path, capsys):
+    from tinydist.export import predict
+    from tinydist.loop import evaluate
+
+    folder = tmp_path / "model"
+    export_tiny(folder, tiny_config())
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    _flip_last_byte(shard)
+    with pytest.raises(CheckpointError, match=f"checksum mismatch on file {shard.name}"):
+        load_model_weights(str(folder))
+    for main in (predict.main, evaluate.main):  # both entry points: exit 2, one line naming the file
+        args = ["--model", str(folder), str(tmp_path)] if main is predict.main else ["--checkpoint", str(folder)]
+        assert main(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and f"checksum mismatch on file {shard.name}" in err, err
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"size mismatch on file {shard.name}"):
+        load_export(str(folder))
+
+
+def test_reader_refuses_unlisted_files_and_exports_without_checksums(tmp_path):
+    cfg = tiny_config()
+    folder = tmp_path / "model"
+    model = export_tiny(folder, cfg)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["metadata"]["files"]["config.json"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="config.json is not listed in model.safetensors.index.json"):
+        load_export(str(folder))
+    del index["metadata"]["files"]  # what an export written before the checksums looks like
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="carries no checksums.*rewrites it"):
+        load_export(str(folder))
+    # ... and the run's export step (a rerun of the finished run) writes it again, checksums and all.
+    assert export.export_if_changed(model, str(folder), "20MB", cfg=cfg, classes=CLASSES)
+    assert not export.export_if_changed(model, str(folder), "20MB", cfg=cfg, classes=CLASSES)
+    state, _ = load_export(str(folder))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def _checkpoint(tmp_path: Path, ema: bool = False) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
@@ -245,9 +321,7 @@ def test_reader_verifies_checkpoints(tmp_path):
     assert run_config == {"model": {"stem": "cifar"}}
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF  # one flipped bit in a tensor: same size, still parses as safetensors
-    shard.write_bytes(bytes(data))
+    _flip_last_byte(shard)
     with pytest.raises(CheckpointError, match=f"checksum mismatch on file {shard.name}"):
         load_model_weights(str(folder))
     os.remove(folder / "COMMITTED")

@@ -1,101 +1,99 @@
-"""Which checkpoint a run resumes from, and whether what it says can be trusted.
+"""Which checkpoint a run resumes from, and whether it may: the state first, then the tensors.
 
-ckpt_format.py checks what any checkpoint holds (files, checksums, tensors, optimizer state); here
-the training loop's own fields of state.json are checked against the run being resumed: counters
-that agree with each other, and the settings a resume cannot change. (The learning rate is a
-function of the step, optim.lr_at: nothing of it is saved.)
+`restore` finds the checkpoint `checkpoint.resume` names (`auto`: the newest that verifies, falling
+back past damaged ones), reads its TrainState (state.py) from state.json and checks it — the
+settings a resume cannot change (ConfigError), counters that hold together (InvalidCheckpointError)
+— and only then reads the tensor sets into the run's model, optimizer and EMA (Checkpointer.load:
+every file verified, every set checked before any is touched). docs/design.md, "One checkpoint".
+
+`load_resume_point`, `check_resume_state` and `config_changes` are the older calls, which load the
+tensors first and check the state after; they stay until train.py calls `restore`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from tinydist import config as config_lib
-from tinydist.ckpt.checkpointer import Checkpointer, CheckpointError
+from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.ckpt.layout import tensor_sets
+from tinydist.ckpt.state import TrainState, config_changes
 from tinydist.config import Config, ConfigError
 
+# config_changes lives with TrainState; train.py imports it from here.
+__all__ = ["Restored", "restore", "load_resume_point", "check_resume_state", "config_changes"]
+
+
+@dataclass(frozen=True)
+class Restored:
+    path: str  # the checkpoint resumed from
+    state: TrainState
+    record: dict  # its state.json as read: world_size, versions, saved_at, files...
+    changes: list[str]  # one line per setting the config changes, in effect from state.step on
+    sets: list[str]  # the tensor sets it held: without "ema", the EMA given was left as it was
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+
+def restore(cfg: Config, checkpointer: Checkpointer, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            ema: Optional[torch.nn.Module] = None, dataset_size: int) -> Optional[Restored]:
+    """Resume what checkpoint.resume names into model, optimizer and ema, or None to start fresh. The
+    state is read and checked against `cfg` and the data (`dataset_size` images) before any tensor is."""
+    found: dict[str, Restored] = {}
+
+    def check(path: str, record: dict) -> None:
+        state = TrainState.from_record(path, record)
+        changes = state.config_changes(path, cfg)  # refuses what a resume cannot change
+        state.check(path, dataset_size)
+        found[path] = Restored(path, state, record, changes, tensor_sets(record))
+
+    sets = {"model": model, "optimizer": optimizer, "ema": ema}
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        _refuse_to_overwrite(cfg, checkpointer)
+        return None
+    if resume == "auto":
+        loaded = checkpointer.load_latest(sets=sets, check=check)
+        return None if loaded is None else found[loaded[0]]
+    record = checkpointer.read_record(resume)
+    check(resume, record)
+    checkpointer.load(resume, sets=sets, record=record)
+    return found[resume]
+
+
+def _refuse_to_overwrite(cfg: Config, checkpointer: Checkpointer) -> None:
+    existing = checkpointer.committed()
+    if existing:
+        raise ConfigError(f"checkpoint.resume=never but {config_lib.checkpoint_dir(cfg)} already holds "
+                          f"{len(existing)} committed checkpoints (newest {existing[-1]}); they would be "
+                          "overwritten: start fresh with another checkpoint.dir (e.g. "
+                          f"--checkpoint.dir={config_lib.checkpoint_dir(cfg).rstrip('/')}-new), or continue "
+                          "them with checkpoint.resume=auto")
+
+
+# ---- the older calls (train.py today) ------------------------------------------------------------------
 
 def load_resume_point(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, ema: Optional[torch.nn.Module] = None) -> Optional[tuple[str, dict]]:
     """Load what checkpoint.resume names into model, optimizer and ema: (path, state.json), or None to
-    start fresh. `auto` takes the newest checkpoint that verifies as it is read, falling back past
-    damaged ones; an explicit path must verify itself."""
+    start fresh; the caller checks the state afterwards (config_changes, check_resume_state). Prefer
+    `restore`, which checks it first."""
     resume = cfg.checkpoint.resume
     if resume == "auto":
         return checkpointer.load_latest(model, optimizer, ema)
     if resume == "never":
-        existing = checkpointer.committed()
-        if existing:
-            raise ConfigError(f"checkpoint.resume=never but {config_lib.checkpoint_dir(cfg)} already holds "
-                              f"{len(existing)} committed checkpoints (newest {existing[-1]}); they would be "
-                              "overwritten: start fresh with another checkpoint.dir (e.g. "
-                              f"--checkpoint.dir={config_lib.checkpoint_dir(cfg).rstrip('/')}-new), or continue "
-                              "them with checkpoint.resume=auto")
+        _refuse_to_overwrite(cfg, checkpointer)
         return None
     return resume, checkpointer.load(resume, model, optimizer, ema)
 
 
 def check_resume_state(path: str, meta: dict, cfg: Config, dataset_size: int) -> int:
-    """The step to resume at, after checking the loop's fields of state.json; CheckpointError (one line)
-    for a checkpoint whose fields do not hold together, ConfigError for one this config cannot continue."""
-    def bad(what: str, expected: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path}: {what}; expected {expected} (edited, or not written by tinydist?)")
-
-    step, batch = meta["step"], meta.get("global_batch_size")
-    saved_cfg = meta.get("config")
-    if not isinstance(saved_cfg, dict) or not isinstance(saved_cfg.get("train"), dict):
-        raise bad("state.json has no `config.train` section", "the run's config")
-    saved_train = saved_cfg["train"]
-    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0) or batch != saved_train.get(
-            "global_batch_size"):
-        raise bad(f"global_batch_size {batch!r} (config says {saved_train.get('global_batch_size')!r})",
-                  "one positive integer in both places")
-    if meta.get("samples") != step * batch:
-        raise bad(f"samples {meta.get('samples')!r} at step {step}", f"step x global batch = {step * batch}")
-    epoch = meta.get("epoch")
-    if not (isinstance(epoch, (int, float)) and not isinstance(epoch, bool)
-            and math.isclose(epoch, step * batch / dataset_size, rel_tol=1e-9, abs_tol=1e-9)):
-        raise bad(f"epoch {epoch!r} at step {step}", f"{step * batch / dataset_size:.6g} for {dataset_size} images")
-    saved_epochs, saved_max = saved_train.get("epochs"), saved_train.get("max_steps")
-    if isinstance(saved_epochs, (int, float)) and not isinstance(saved_epochs, bool) and math.isfinite(saved_epochs):
-        limit = math.ceil(saved_epochs * dataset_size / batch)
-        if isinstance(saved_max, int) and not isinstance(saved_max, bool) and saved_max > 0:
-            limit = min(limit, saved_max)
-        if step > limit:
-            raise bad(f"step {step}", f"at most the {limit} steps its own config trains")
-    if not isinstance(meta.get("wandb_run_id"), (str, type(None))):
-        raise bad(f"wandb_run_id {meta.get('wandb_run_id')!r}", "a string or null")
-    return step
-
-
-# Settings a resume cannot change: they define which samples each step sees, or the model and
-# optimizer the saved tensors belong to. Everything else (learning rate, epochs, warmup, logging,
-# evaluation and save cadence, storage, timeouts...) applies from the resume step on.
-FIXED = ("train.global_batch_size", "train.seed", "data.source", "data.train_split", "data.image_size",
-         "data.max_train_samples", "model.stem", "model.extra_fc", "optim.name", "optim.schedule")
-
-
-def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def config_changes(path: str, saved_config: dict, cfg: Config) -> list[str]:
-    """One line per setting that differs from the checkpoint's; ConfigError (one line, with a way forward
-    that works) for a setting that a resume cannot change."""
-    saved, now = _flat(saved_config), _flat(config_lib.to_dict(cfg))
-    changed = [(k, saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]]
-    for key, old, new in changed:
-        if key in FIXED:
-            raise ConfigError(f"{key}={new!r} but {path} was trained with {key}={old!r}, which a resume cannot "
-                              f"change; pass --{key}={old!r} to continue that run, or start a new run in another "
-                              f"checkpoint.dir (e.g. --checkpoint.dir={config_lib.checkpoint_dir(cfg).rstrip('/')}-new)")
-    return [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
+    """The step to resume at, after checking the loop's fields of state.json (TrainState: one line)."""
+    state = TrainState.from_record(path, meta)
+    state.check(path, dataset_size)
+    return state.step

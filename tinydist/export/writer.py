@@ -1,12 +1,14 @@
-"""The trained model as a folder anyone can load without tinydist, and the one verified reader of
-tinydist's sharded safetensors layout (exported models and checkpoints alike).
+"""The trained model as a folder anyone can load without tinydist, and the readers of model weights
+(exported folders and checkpoints alike), both through ckpt/layout.py, the one writer and reader of
+the sharded layout: an export is verified as it is read, like a checkpoint.
 
-    model.safetensors.index.json + model-0000k-of-0000n.safetensors   Hugging Face sharded layout
+    model.safetensors.index.json + model-0000k-of-0000n.safetensors   Hugging Face sharded layout; the
+                   index's metadata.files: size and sha256 of every shard and of config.json
     config.json    how to rebuild it: architecture, stem, extra_fc, num_classes, image_size, mean/std,
                    id2label (index -> class id, a WordNet id for Tiny ImageNet), label_names (index ->
                    human-readable name, only for the classes whose name the source gives), provenance
                    (raw/ema weights, last/best, step, metrics) and the run's resolved config
-    README.md      model card: recipe, data, metrics, curves, how to load it with torchvision
+    README.md      model card (card.py): recipe, data, metrics, curves, how to load it with torchvision
     curves.png     loss/accuracy curves, when the run has them
 
 Class ids and names are kept apart on purpose: `id2label` values stay machine keys that match the
@@ -25,58 +27,19 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Any, Optional
 
-import safetensors
 import torch
-from huggingface_hub import save_torch_state_dict
-from safetensors.torch import load as load_safetensors
 
-from tinydist.ckpt.layout import MARKER, STATE, CheckpointError, check_name, load_tensors, read_state, step_folder
-from tinydist.config import DEFAULT_MAX_SHARD_SIZE, Config, to_dict
+from tinydist.ckpt import layout
+from tinydist.ckpt.layout import CheckpointError
+from tinydist.ckpt.record import MARKER, STATE, read_record, sealed, step_folder
 from tinydist.ckpt.storage import Storage
+from tinydist.config import DEFAULT_MAX_SHARD_SIZE, Config, to_dict
 from tinydist.config.units import parse_size
+from tinydist.export.card import CARD, CONFIG, CURVES, INDEX, STEMS, model_card
 
-INDEX = "model.safetensors.index.json"
-CONFIG = "config.json"
-CARD = "README.md"
-CURVES = "curves.png"
 EXPORT_FORMAT = "tinydist-export/1"
-STEMS = {"cifar": "3x3 stride-1 conv1, no max-pool", "imagenet": "torchvision's 7x7 stride-2 conv1 + 3x3 max-pool"}
-
-# The card's loading code, run as is by tests/test_export.py from inside an exported folder.
-LOAD_CODE = '''\
-import json, torch, torchvision
-from safetensors.torch import load_file
-
-config = json.load(open("config.json"))
-model = torchvision.models.resnet18(num_classes=config["num_classes"])
-if config["stem"] == "cifar":  # 3x3 stride-1 conv1 and no max-pool, for small images
-    model.conv1, model.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
-if config["extra_fc"]:  # Linear(512, n) + ReLU before the classifier
-    n = config["extra_fc"]
-    model.fc = torch.nn.Sequential(torch.nn.Linear(512, n), torch.nn.ReLU(), torch.nn.Linear(n, config["num_classes"]))
-shards = set(json.load(open("model.safetensors.index.json"))["weight_map"].values())
-model.load_state_dict({k: v for shard in sorted(shards) for k, v in load_file(shard).items()})
-model.eval()
-'''
-
-# The card's preprocessing (what `python -m tinydist.predict` does): shorter side to image_size
-# (bicubic, antialiased, like the training decode), centre crop, then the training normalisation.
-PREDICT_CODE = '''\
-from PIL import Image
-from torchvision import transforms
-
-size = config["image_size"]
-preprocess = transforms.Compose([
-    transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
-    transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])])
-with torch.no_grad():
-    probs = model(preprocess(Image.open("image.jpg").convert("RGB"))[None]).softmax(1)[0]
-for p, i in zip(*probs.topk(min(5, len(probs)))):
-    print(f"{p:.3f}", config["id2label"][str(int(i))], config["label_names"].get(str(int(i)), ""))
-'''
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -95,28 +58,25 @@ def export_model(model: torch.nn.Module, url: str, max_shard_size: str | int = D
         metrics (at that step), final and best ({"step", "metrics"}; best also "metric"). Defaults:
         weights and selected from cfg.export."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    files: dict[str, bytes] = {}
+    extra: dict[str, bytes] = {}
     if cfg is not None:
         if classes is None:
             raise ValueError("export_model: cfg given without classes; expected the class id of every output")
         _check_outputs(model, classes)
         config = export_config(cfg, classes, class_names, provenance)
         if curves_png:
-            files[CURVES] = curves_png
-        files[CONFIG] = (json.dumps(config, indent=1) + "\n").encode()
-        files[CARD] = model_card(config, has_curves=bool(curves_png)).encode()
+            extra[CURVES] = curves_png
+        extra[CONFIG] = (json.dumps(config, indent=1) + "\n").encode()
+        extra[CARD] = model_card(config, has_curves=bool(curves_png)).encode()
     storage = Storage(url)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_torch_state_dict(state, tmp, max_shard_size=parse_size(max_shard_size), force_contiguous=True)
-        storage.makedirs("")
-        names = sorted(os.listdir(tmp))
-        for name in [n for n in names if n != INDEX]:
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write(name, f.read())
-        for name, data in files.items():
-            storage.write(name, data)
-        with open(os.path.join(tmp, INDEX), "rb") as f:
-            storage.write(INDEX, f.read())
+    storage.makedirs("")
+    shards = layout.plan("model", state, parse_size(max_shard_size))
+    files = layout.write_shards(shards, state, storage.write)
+    for name, data in extra.items():
+        storage.write(name, data)
+    if CONFIG in extra:  # what a reader builds the model from: checked like the weights
+        files[CONFIG] = layout.file_entry([extra[CONFIG]])
+    storage.write(INDEX, layout.index_bytes(shards, files))
 
 
 def _check_outputs(model: torch.nn.Module, classes: list[str]) -> None:
@@ -187,7 +147,8 @@ def export_if_changed(model: torch.nn.Module, url: str, max_shard_size: str | in
         storage.remove(INDEX)
         export_model(model, url, max_shard_size, cfg=cfg, classes=classes, class_names=class_names,
                      provenance=provenance, curves_png=curves_png)
-        keep = set(json.loads(storage.read(INDEX))["weight_map"].values()) | {INDEX, CONFIG, CARD, CURVES}
+        mapping, _ = layout.parse_index(storage.show(), INDEX, storage.read(INDEX))
+        keep = set(mapping.values()) | {INDEX, CONFIG, CARD, CURVES}
         for stale in set(storage.sizes()) - keep:  # shards of an earlier, differently sharded export
             storage.remove(stale, recursive=True)
         return True
@@ -215,85 +176,6 @@ def _current(url: str, model: torch.nn.Module, config: dict[str, Any]) -> bool:
         torch.equal(tensors[k], state[k].detach().cpu()) for k in state)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _metrics_table(provenance: dict[str, Any]) -> list[str]:
-    rows = [(f"exported ({provenance.get('weights')} weights, {provenance.get('selected')})",
-             provenance.get("step"), provenance.get("metrics") or {})]
-    for key in ("final", "best"):
-        entry = provenance.get(key)
-        if isinstance(entry, dict):
-            label = key if key == "final" else f"best by {entry.get('metric', '?')}"
-            rows.append((label, entry.get("step"), entry.get("metrics") or {}))
-    keys = sorted({k for _, _, m in rows for k in m})
-    if not keys:
-        return [f"No metrics were recorded with this export (step {provenance.get('step')})."]
-    lines = ["| weights | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    lines += [f"| {label} | {step} | " + " | ".join(_fmt(m.get(k, "")) for k in keys) + " |"
-              for label, step, m in rows]
-    return lines
-
-
-def _recipe(train: dict[str, Any]) -> list[str]:
-    """The run's config in a few lines (the full resolved config is config.json's `train_config`)."""
-    d, m, o, t = train["data"], train["model"], train["optim"], train["train"]
-    lines = [
-        f"- model: resnet18, `{m['stem']}` stem ({STEMS.get(m['stem'], '?')}), "
-        f"{'extra FC ' + str(m['extra_fc']) if m['extra_fc'] else 'no extra FC'}",
-        f"- data: `{d['source']}`, train split `{d['train_split']}`, validation split `{d['val_split']}`, "
-        f"{d['image_size']}x{d['image_size']} RGB"
-        + (f", {d['max_train_samples']} training images" if d.get("max_train_samples") else ""),
-        f"- augmentation: random resized crop (scale {d['crop_scale']})" + (", horizontal flips" if d["hflip"] else ""),
-        f"- optimiser: {o['name']}, lr {o['lr']} for a global batch of {t['global_batch_size']}, momentum "
-        f"{o['momentum']}" + (" (Nesterov)" if o["nesterov"] else "") + f", weight decay {o['weight_decay']}, "
-        f"{o['schedule']} schedule with {o['warmup_epochs']} warmup epochs, label smoothing {o['label_smoothing']}",
-        f"- length: {t['epochs']} epochs" + (f", capped at {t['max_steps']} steps" if t.get("max_steps") else "")
-        + f", seed {t['seed']}",
-    ]
-    mix, ema = train.get("mix") or {}, train.get("ema") or {}
-    if mix.get("mixup_alpha") or mix.get("cutmix_alpha"):
-        lines.append(f"- mixing: MixUp alpha {mix['mixup_alpha']}, CutMix alpha {mix['cutmix_alpha']}, "
-                     f"probability {mix['prob']}")
-    if ema.get("enabled"):
-        lines.append(f"- EMA of the weights: decay {ema['decay']}, warm-up power {ema['warmup_power']}")
-    return lines
-
-
-def model_card(config: dict[str, Any], has_curves: bool = False) -> str:
-    """README.md of an exported folder, from its config.json."""
-    prov, size = config["provenance"], config["image_size"]
-    named = len(config["label_names"])
-    out = [
-        "---", "library_name: pytorch", "tags:", "- image-classification", "- resnet18", "- tinydist", "---", "",
-        f"# resnet18 on {config['data_source']}", "",
-        f"A torchvision resnet18 ({config['stem']} stem, {config['num_classes']} classes, {size}x{size} inputs) "
-        f"trained from scratch with tinydist {config['tinydist_version']}. These are the "
-        f"**{prov.get('weights')}** weights, selected as **{prov.get('selected')}**, at step {prov.get('step')}.", "",
-        "## Recipe", "", *_recipe(config["train_config"]), "",
-        "## Metrics", "", *_metrics_table(prov), "",
-    ]
-    if has_curves:
-        out += ["## Curves", "", f"![training curves]({CURVES})", ""]
-    out += [
-        "## Load it with torchvision and safetensors", "",
-        "From inside this folder (no tinydist needed):", "", "```python", LOAD_CODE.rstrip("\n"), "```", "",
-        f"Inputs: RGB, resized so the shorter side is {size} (bicubic, antialiased) and centre-cropped to "
-        f"{size}x{size}, scaled to [0, 1], then normalised with `mean` {config['mean']} and `std` {config['std']}:", "",
-        "```python", PREDICT_CODE.rstrip("\n"), "```", "",
-        "With tinydist installed: `python -m tinydist.predict --model THIS_FOLDER image.jpg [more images or folders]`.", "",
-        "## Labels", "",
-        "`config.json` maps each output index to its class id in `id2label` (WordNet ids for Tiny ImageNet; "
-        "classes are the sorted ids, as tinydist's data loader numbers them) and to a human-readable name in "
-        f"`label_names` ({named} of {config['num_classes']} classes have one here).", "",
-        "## Files", "",
-        f"`{INDEX}` and its shards (the Hugging Face sharded safetensors layout), `{CONFIG}`, this card"
-        + (f", `{CURVES}`" if has_curves else "") + ".",
-    ]
-    return "\n".join(out) + "\n"
-
-
 # ---- reading ---------------------------------------------------------------------------------------
 
 def is_checkpoint(url: str) -> bool:
@@ -304,18 +186,17 @@ def is_checkpoint(url: str) -> bool:
 
 def read_checkpoint_weights(url: str, weights: str = "model") -> tuple[dict, dict[str, torch.Tensor]]:
     """(state.json, one verified sharded set: "model" or "ema") of a committed checkpoint folder."""
-    parent, _, folder = url.rstrip("/").rpartition("/")
-    storage = Storage(parent or ".")
-    state = read_state(storage, folder)
-    return state, load_tensors(storage, folder, state, weights)
+    storage, folder = layout.locate(url)
+    record = read_record(storage, folder)
+    return record, sealed(storage, folder, record).tensors(weights)
 
 
 def load_model_weights(url: str, weights: str = "model") -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """(state dict, the run's config as a dict, or None) of a checkpoint folder or an exported model,
-    every byte verified: a checkpoint through ckpt_format (COMMITTED marker, state.json schema, sizes
-    and sha256 of every file), an export through `load_export`. The config is what the run was trained
-    with (state.json's `config`; an export's config.json `train_config`, or for an export older than
-    config.json the run's config.yaml next to it). `weights`: "model", or "ema" for a checkpoint's EMA set."""
+    every file verified against its size and sha256 as it is read: a checkpoint's against its
+    state.json (sealed by its COMMITTED marker, schema checked), an export's against its index
+    (`load_export`). The config is what the run was trained with (state.json's `config`; an export's
+    config.json `train_config`, or for an export without config.json the run's config.yaml next to it). `weights`: "model", or "ema" for a checkpoint's EMA set."""
     if weights not in ("model", "ema"):
         raise CheckpointError(f"weights {weights!r}; expected 'model' or 'ema'")
     if is_checkpoint(url):
@@ -333,18 +214,19 @@ def load_model_weights(url: str, weights: str = "model") -> tuple[dict[str, torc
 def _run_config_yaml(url: str) -> Optional[dict[str, Any]]:
     import yaml
 
-    parent = url.rstrip("/").rpartition("/")[0] or "."
+    parent, _ = layout.locate(url)
     try:
-        config = yaml.safe_load(Storage(parent).read("config.yaml"))
+        config = yaml.safe_load(parent.read("config.yaml"))
     except FileNotFoundError:
         return None
     return config if isinstance(config, dict) else None
 
 
 def load_export(url: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
-    """(state dict, config.json or None if the folder predates it) of an exported model folder:
-    the index well-formed, every shard it names inside the folder, present and parsed, every tensor it
-    names in its shards, config.json (if any) checked by `check_export_config`."""
+    """(state dict, config.json or None if the folder has none) of an exported model folder: the index
+    well-formed with its file table, every shard it names inside the folder, listed, present at its
+    size and sha256, every tensor it names in its shards, config.json (if any) listed and checked the
+    same way, then by `check_export_config`."""
     storage = Storage(url)
     where = storage.show()
     try:
@@ -352,42 +234,24 @@ def load_export(url: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, A
     except FileNotFoundError:
         raise CheckpointError(f"{where}: no {INDEX}; expected an exported model folder (or a checkpoint "
                               "folder step-N with state.json)") from None
-    mapping = _weight_map(where, index)
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(mapping.values())):
-        try:
-            data = storage.read(shard)
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}: shard {shard} named in {INDEX} is missing; expected every shard "
-                                  "the index names") from None
-        try:
-            tensors.update(load_safetensors(data))
-        except safetensors.SafetensorError as e:
-            raise CheckpointError(f"{where}: {shard} is not a safetensors file ({e}); expected safetensors bytes") from None
-    absent = sorted(k for k in mapping if k not in tensors)
-    if absent:
-        raise CheckpointError(f"{where}: tensors {absent[:3]} of {INDEX} are not in its shards; "
-                              "expected the index to match the shards")
-    try:
-        config = json.loads(storage.read(CONFIG))
-    except FileNotFoundError:
+    mapping, metadata = layout.parse_index(where, INDEX, index)
+    if not mapping:
+        raise CheckpointError(f"{where}: {INDEX} names no tensors; expected the model's weights")
+    if "files" not in metadata:
+        raise CheckpointError(f"{where}: {INDEX} carries no checksums (metadata.files); expected an export "
+                              "written by this tinydist: rerunning the finished run's training command rewrites it")
+    folder = layout.Sealed(storage, "", layout.check_file_table(where, metadata["files"], INDEX), INDEX, where)
+    tensors = folder.tensors("model", mapping)
+    if CONFIG not in folder.files:
+        if storage.exists(CONFIG):
+            raise CheckpointError(f"{where}: {CONFIG} is not listed in {INDEX}; expected a checksum for it "
+                                  "(added or edited by hand?)")
         return tensors, None
+    try:
+        config = json.loads(folder.read(CONFIG))
     except ValueError as e:
         raise CheckpointError(f"{where}: {CONFIG} is not JSON ({e}); expected a JSON object") from None
     return tensors, check_export_config(where, config)
-
-
-def _weight_map(where: str, index: bytes) -> dict[str, str]:
-    try:
-        mapping = json.loads(index)["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        mapping = None
-    if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) for k in mapping):
-        raise CheckpointError(f"{where}: {INDEX} is malformed; expected the HF layout "
-                              "{'metadata': ..., 'weight_map': {tensor: shard file}}")
-    for shard in set(mapping.values()):
-        check_name(where, shard, INDEX)  # a shard name must stay inside the folder
-    return mapping
 
 
 def check_export_config(where: str, config: Any) -> dict[str, Any]:
