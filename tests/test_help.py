@@ -15,9 +15,9 @@ import pytest
 import fixtures as fx
 from tinydist import config
 from tinydist.config import schema
-from tinydist.data import cache as data
+from tinydist.data import sources
 from tinydist.config import ConfigError, HelpRequested, all_keys, help_text, load_config
-from tinydist.data.cache import DataError, open_source
+from tinydist.data.sources import DataError, open_source
 from tinydist.runtime.exitcodes import EXIT_CONFIG, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_a_hub_id_still_goes_to_the_hub(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: asked.append(name) or {})
-    assert data._open_all("zh-plus/tiny-imagenet") == ("hub", {})
+    assert sources._open_all("zh-plus/tiny-imagenet") == ("hub", {})
     assert asked == ["zh-plus/tiny-imagenet"]
 
 

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from faultinject import make_bucket, moto_server
-from tinydist.ckpt import lease as lease_mod
 from tinydist.ckpt.lease import LEASE, Lease, LeaseHeldError
 from tinydist.ckpt.storage import Storage
+from tinydist.runtime.host import machine_id
 
 
 class Logs(list):
@@ -63,7 +63,7 @@ def test_same_machine_dead_holder_is_taken_over_at_once(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # exited: that pid is (almost surely) free now
     storage.write(LEASE, json.dumps({"holder": "gone", "host": "here", "pid": pid, "run": "runs/old",
-                                     "machine": lease_mod._machine(), "beat": 3, "heartbeat_unix": time.time(),
+                                     "machine": machine_id(), "beat": 3, "heartbeat_unix": time.time(),
                                      "heartbeat": "now"}).encode())
     logs = Logs()
     start = time.monotonic()

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from tinydist import config as config_lib
 from tinydist.config import Config
 from tinydist.runtime.exitcodes import PermanentError, TransientError
+from tinydist.runtime.host import machine_id, pid_alive
 from tinydist.ckpt.storage import Storage, StorageError, StorageRefusedError
 
 LEASE = "LEASE.json"
@@ -35,29 +36,6 @@ LEASE = "LEASE.json"
 class LeaseHeldError(TransientError):
     """Another live job holds the checkpoint dir. Transient: when that job ends (or dies), a relaunch
     takes over; until then nothing this job could write would be safe."""
-
-
-def _machine() -> str:
-    """Which pids we can check: a pid means something only within one boot and one pid namespace."""
-    parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        try:
-            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
-        except OSError:
-            parts.append("?")
-    return "/".join(parts)
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, someone else's
-        return True
-    return True
 
 
 class Lease:
@@ -84,7 +62,7 @@ class Lease:
         self.beat += 1
         now = time.time()
         self.storage.write(LEASE, json.dumps({
-            "holder": self.token, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
+            "holder": self.token, "host": socket.gethostname(), "pid": os.getpid(), "machine": machine_id(),
             "run": self.run, "beat": self.beat, "heartbeat_unix": now,
             "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         }, indent=1).encode())
@@ -97,8 +75,8 @@ class Lease:
     def _holder_alive(self, lease: dict) -> bool:
         if not lease.get("holder") or lease.get("holder") == self.token:
             return False
-        if lease.get("machine") == _machine():
-            return _alive(lease.get("pid"))
+        if lease.get("machine") == machine_id():
+            return pid_alive(lease.get("pid"))
         age = time.time() - float(lease.get("heartbeat_unix") or 0)
         if age > 3 * self.ttl_s:
             return False
