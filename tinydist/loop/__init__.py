@@ -1,1 +1,1 @@
-"""The training loop's parts: triggers and cadence, evaluation, console, trackers, the Accelerator, the divergence guard."""
+"""The training loop's parts: the step and the run state, triggers and cadence, evaluation, console, trackers, the Accelerator."""
