@@ -8,8 +8,8 @@ centre crop, then the training normalisation (mean/std from config.json).
 
 Folders are searched recursively, in sorted order, for files with an image extension; one of those
 that does not decode is skipped with a warning. A file named on the command line must be an image.
-Exit codes as every entry point (cli.py): 2 for a model folder, image or flag that is missing or
-wrong, 69 for a model on storage that cannot be reached.
+Exit codes as every entry point (runtime/cli.py): 2 for a model folder, image or flag that is missing
+or wrong (a damaged or edited export included), 69 for a model on storage that cannot be reached.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 def load(folder: str, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The exported model, verified (export.load_export), in eval mode on `device`, and its config.json."""
+    """The exported model, in eval mode on `device`, and its config.json: every shard and config.json
+    checked against the size and sha256 its index lists before it is used (writer.load_export)."""
     from tinydist.ckpt.layout import CheckpointError
     from tinydist.export.writer import load_export
 
