@@ -109,7 +109,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                                run.train_data.classes, accelerator.is_main_process, say)
             accelerator.wait_for_everyone()
             return exit_code
-        clock = SaveClock(cfg.checkpoint.every_minutes, cfg.checkpoint.mtbf_minutes, say)
+        clock = SaveClock.from_config(cfg, say)
         clock.start(checkpointer.estimate_blocked_s(run.bare_model, run.optimizer.optimizer) if clock.auto else 0.0)
         runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), run.step if resumed else None,
                         len(run.train_data))

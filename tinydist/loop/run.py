@@ -71,7 +71,7 @@ class Run:
     model: nn.Module  # what the forward calls: prepared by Accelerate (DDP on several processes), maybe compiled
     bare_model: nn.Module  # torchvision keys, no wrapper: what checkpoints, evaluation and the EMA read
     optimizer: Any  # Accelerate's wrapper; `.optimizer` is torch's, the one checkpoints hold
-    bn_statistics: BNStatistics  # the BN rule (model.build); anything with keep() and restore()
+    bn_statistics: BNStatistics  # the BN rule (model/build.py)
     ema: Optional[ModelEma]
     total_steps: int  # the schedule's length
     last_step: int  # where this run stops: total_steps, or train.max_steps
@@ -104,10 +104,8 @@ class Run:
         """Steps begin at `self.step`: training mode, a fresh loss window, micro-batches from that step on."""
         self.model.train()
         self.window.started, self.window.steps = time.perf_counter(), 0
-        cfg = self.cfg
-        self.prefetch = Prefetcher(self.train_data, self.sampler, self.step, self.last_step, self.device,
-                                   cfg.train.seed, cfg.data.crop_scale, cfg.data.hflip,
-                                   cfg.mix if self.mixing else None)
+        self.prefetch = Prefetcher.from_config(self.cfg, self.train_data, self.sampler, self.step, self.last_step,
+                                               self.device)
 
     def next_micro_batch(self) -> Ready:
         if self.prefetch is None:
@@ -140,8 +138,7 @@ def build_run(cfg: Config, accelerator: Accelerator, train_data: ImageCache, val
     """Sampler, schedule, model and optimizer: a pure function of the config and seed (the learning rate,
     of the step), placed by Accelerate. Step 0; `restore` moves it to a checkpoint's."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    sampler = GlobalSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size, world, rank,
-                            cfg.train.seed)
+    sampler = GlobalSampler.from_config(cfg, len(train_data), world, rank)
     total_steps = math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
     last_step = min(total_steps, cfg.train.max_steps or total_steps)
     warmup_steps = round(cfg.optim.warmup_epochs * sampler.steps_per_epoch)
