@@ -193,3 +193,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         bench_gpu(tmp, opts.quick, device, torch.device("cpu") if opts.force_cpu_smoke else None,
                   tuple(m for m in opts.modes.split(",") if m))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
