@@ -1,1 +1,2 @@
-"""Checkpoints: storage under a URL, the sharded safetensors layout, the commit protocol, restore, lease, backoff."""
+"""Checkpoints: storage under a URL, the sharded safetensors layout (shared with exports), the record and
+its TrainState, named tensor sets, the commit protocol, retention, restore, lease, backoff."""
