@@ -551,7 +551,7 @@ def test_s3_save_list_load_and_keep_last(bucket):
     assert ck.committed() == [f"{url}/step-00000002", f"{url}/step-00000003"]
     folders = {key.split("/")[1] for key in _keys(options["endpoint_url"], name)}
     assert folders == {"step-00000002", "step-00000003"}  # step 1 is gone from the bucket
-    assert f"run1/step-00000003/COMMITTED" in _keys(options["endpoint_url"], name)
+    assert "run1/step-00000003/COMMITTED" in _keys(options["endpoint_url"], name)
 
     # A new process (new Checkpointer, fresh fs instance) finds and loads it.
     import s3fs

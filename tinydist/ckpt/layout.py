@@ -69,10 +69,8 @@ def index_name(prefix: str) -> str:
 
 
 def tensor_sets(record: dict) -> list[str]:
-    """The sharded sets a file table (or a record holding one as `files`) lists, e.g. model,
-    optimizer and ema."""
-    files = record.get("files", record)
-    return sorted(name[:-len(INDEX_SUFFIX)] for name in files if name.endswith(INDEX_SUFFIX))
+    """The sharded sets whose index a checkpoint's record lists in `files` (e.g. ema, model, optimizer)."""
+    return sorted(name[:-len(INDEX_SUFFIX)] for name in record.get("files", {}) if name.endswith(INDEX_SUFFIX))
 
 
 def check_name(label: str, name: Any, source: str) -> None:

@@ -1,11 +1,12 @@
 """The host copy of a save's tensor sets, taken without stalling the loop (CheckFreq, FAST'21).
 
-The next forward changes only BN buffers: they are copied inside save(). Parameters, optimizer
-state and the EMA's weights change only at (or after) the next optimizer step: they are copied
-while the next forward and backward run — queued on a side CUDA stream into pinned memory, or on
-the CPU by the writer thread — and the loop calls `Pending.barrier()` (the checkpointer's
-`snapshot_barrier()`) before that step. Host buffers are reused from save to save: fresh ones
-would cost page faults on the CPU and pinned allocations on a GPU.
+The next forward changes only BN buffers: every module set's buffers (the model's; the EMA's too,
+a few KB, kept simple) are copied inside save(). Parameters, optimizer state and the EMA's weights
+change only at (or after) the next optimizer step: they are copied while the next forward and
+backward run — queued on a side CUDA stream into pinned memory, or on the CPU by the writer thread —
+and the loop calls `Pending.barrier()` (the checkpointer's `snapshot_barrier()`) before that step.
+Host buffers are reused from save to save: fresh ones would cost page faults on the CPU and pinned
+allocations on a GPU.
 """
 
 from __future__ import annotations
