@@ -99,9 +99,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
 
         # Restore: the newest committed checkpoint, if any. One at the last step is a finished run (or
         # one whose export was cut short): straight to finish, no trackers, no write to the checkpoints.
-        meta = restore(run, checkpointer, say)
-        resumed, meta = meta is not None, meta or {}
-        metrics: dict[str, float] = meta.get("metrics") or {}  # what the export records if no step is left
+        state = restore(run, checkpointer, say)
+        resumed = state is not None
+        metrics: dict[str, float] = dict(state.metrics) if resumed else {}  # what the export records if no step is left
         guard = DivergenceGuard(run.step)
         if run.step >= run.last_step:
             say(f"the run is finished (step {run.step} of {run.last_step}); completing the export only")
@@ -111,7 +111,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             return exit_code
         clock = SaveClock.from_config(cfg, say)
         clock.start(checkpointer.estimate_blocked_s(run.bare_model, run.optimizer.optimizer) if clock.auto else 0.0)
-        runlog = RunLog(accelerator, cfg, meta.get("wandb_run_id"), run.step if resumed else None,
+        runlog = RunLog(accelerator, cfg, state.wandb_run_id if resumed else None, run.step if resumed else None,
                         len(run.train_data))
         write_config(cfg, accelerator.is_main_process, say)
         if resumed:

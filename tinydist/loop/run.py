@@ -19,9 +19,9 @@ from torch import nn
 from tinydist import config as config_lib
 from tinydist.ckpt.backoff import retry_storage
 from tinydist.ckpt.checkpointer import Checkpointer
-from tinydist.ckpt.layout import tensor_sets
 from tinydist.ckpt.lease import Lease
-from tinydist.ckpt.restore import check_resume_state, config_changes, load_resume_point
+from tinydist.ckpt.restore import restore as restore_checkpoint
+from tinydist.ckpt.state import TrainState
 from tinydist.ckpt.storage import Storage
 from tinydist.config import Config, ConfigError
 from tinydist.data.cache import ImageCache, load_train_val
@@ -181,29 +181,29 @@ def open_checkpoints(run: Run, lease: Optional[Lease], peers: Peers, say: Callab
     return checkpointer
 
 
-def restore(run: Run, checkpointer: Checkpointer, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
-    """Resume from the newest committed checkpoint (`checkpoint.resume`): tensors from safetensors shards,
-    everything else from JSON; `run.step` becomes its step. Its meta, or None for a fresh run."""
+def restore(run: Run, checkpointer: Checkpointer, say: Callable[[str], None]) -> Optional[TrainState]:
+    """Resume from the newest committed checkpoint (`checkpoint.resume`): its state and config checked
+    first, then the tensor sets loaded; `run.step` becomes its step. Its TrainState, or None for a fresh run."""
     cfg, accelerator = run.cfg, run.accelerator
-    resumed = load_resume_point(cfg, checkpointer, run.bare_model, run.optimizer.optimizer, run.ema and run.ema.module)
-    if resumed is None:
+    restored = restore_checkpoint(cfg, checkpointer, model=run.bare_model, optimizer=run.optimizer.optimizer,
+                                  ema=run.ema and run.ema.module, dataset_size=len(run.train_data))
+    if restored is None:
         return None
-    path, meta = resumed
-    changes = config_changes(path, meta.get("config") or {}, cfg)  # refuses what a resume cannot change
-    step = check_resume_state(path, meta, cfg, len(run.train_data))
+    path, step, changes = restored.path, restored.step, restored.changes
     apply_hyperparameters(cfg.optim, run.bare_model, run.optimizer.optimizer)  # the config in effect from here on
-    if run.ema is not None and "ema" not in tensor_sets(meta):
+    if run.ema is not None and "ema" not in restored.sets:
         run.ema.module.load_state_dict(run.bare_model.state_dict())
         say(f"ema.enabled: {path} kept no average; it starts from the weights at step {step}")
     agreed = accelerator.reduce(torch.tensor([float(step)], device=run.device), "sum").item()
     if agreed != step * run.world:  # a damaged file seen by some ranks only: do not train apart
         raise TransientError(f"the processes resumed from different checkpoints (this one: {path}); "
                              "a relaunch reads them again")
-    say(f"resumed from {path} at step {step} (saved by {meta['world_size']} process(es) on {meta.get('device')})")
+    say(f"resumed from {path} at step {step} (saved by {restored.record['world_size']} process(es) on "
+        f"{restored.state.device})")
     if changes:
         say(f"config changed since that checkpoint, in effect from step {step}: " + "; ".join(changes))
     checkpointer.last_commit = run.step = step  # every commit was checked finite
-    return meta
+    return restored.state
 
 
 def write_config(cfg: Config, main_process: bool, say: Callable[[str], None]) -> None:
@@ -230,11 +230,11 @@ def save(run: Run, checkpointer: Checkpointer, clock: SaveClock, wandb_run_id: O
     sync_buffers(run)
     cfg, step = run.cfg, run.step
     started = time.perf_counter()
-    checkpointer.save(step, run.bare_model, run.optimizer.optimizer, {
-        "epoch": run.sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
-        "global_batch_size": cfg.train.global_batch_size, "device": run.device.type,
-        "config": config_lib.to_dict(cfg), "wandb_run_id": wandb_run_id, "metrics": finite_or_none(metrics),
-    }, blocking=blocking, ema=run.ema and run.ema.module)
+    sets = {"model": run.bare_model, "optimizer": run.optimizer.optimizer, "ema": run.ema and run.ema.module}
+    state = TrainState(step=step, epoch=run.sampler.epoch_at(step), samples=step * cfg.train.global_batch_size,
+                       global_batch_size=cfg.train.global_batch_size, config=config_lib.to_dict(cfg),
+                       device=run.device.type, wandb_run_id=wandb_run_id, metrics=finite_or_none(metrics))
+    checkpointer.save(step, sets=sets, state=state, blocking=blocking)
     clock.saved(time.perf_counter() - started)
 
 
