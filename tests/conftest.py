@@ -1,10 +1,12 @@
 """Test-wide isolation (no network, no login prompts, no writes outside pytest's tmp dirs) and the
 fixtures several modules share.
 
-Imports: tinydist is installed (`pip install -e .`), so no test module touches sys.path. The helper
-modules next to this file (train_helpers.py: subprocess runs; faultinject.py: injectors, ports, moto;
-fixtures.py: datasets) import as top-level modules because tests/ has no __init__.py: pytest's default
-import mode ("prepend") puts this directory first on sys.path when it loads this conftest.
+Layout: `unit/<layer>/` mirrors tinydist's packages (mostly fast tests), `integration/` holds the runs,
+launchers, faults and several machines (marked slow). Imports: tinydist is installed (`pip install -e .`),
+so no test module touches sys.path; the shared helpers are the package `helpers` next to this file
+(helpers.train: subprocess runs; helpers.faultinject: injectors, ports, moto; helpers.fixtures:
+datasets), importable because pytest's default import mode ("prepend") puts this directory first on
+sys.path when it loads this conftest. Test file names are unique across folders (that mode needs it).
 
 Markers (setup.cfg): `slow` is every test that starts training processes, launchers, moto-backed runs
 or injected faults; `pytest -m "not slow"` is the fast loop.
@@ -17,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from faultinject import aws_test_env, moto_server
+from helpers.faultinject import aws_test_env, moto_server
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,7 +45,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def aws_env() -> Iterator[None]:
     """This process talks to a local S3 only: test credentials, nothing from the developer's shell
-    (profile, session token, proxy, endpoint) for the module's tests; see faultinject.aws_test_env."""
+    (profile, session token, proxy, endpoint) for the module's tests; see helpers.faultinject.aws_test_env."""
     with aws_test_env():
         yield
 
@@ -51,6 +53,6 @@ def aws_env() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def moto(aws_env: None) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 (one per module); its endpoint URL. Make a bucket per test with
-    faultinject.make_bucket(moto)."""
+    helpers.faultinject.make_bucket(moto)."""
     with moto_server() as url:
         yield url

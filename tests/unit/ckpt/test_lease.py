@@ -1,0 +1,150 @@
+"""tinydist.ckpt.lease: one job per checkpoint dir, on a local disk and on S3 (moto on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers.faultinject import make_bucket, moto_server
+from tinydist.ckpt.lease import LEASE, Lease, LeaseHeldError
+from tinydist.ckpt.storage import Storage
+from tinydist.runtime.host import machine_id
+
+
+class Logs(list):
+    def __call__(self, line: str) -> None:
+        self.append(line)
+
+
+def other_machine(storage: Storage, *, age_s: float = 0.0, pid: int = 4242) -> dict:
+    """A lease as a job on another machine writes it (its pids mean nothing here)."""
+    now = time.time() - age_s
+    lease = {"holder": "elsewhere", "host": "node-7", "pid": pid, "machine": "node-7/boot/ns", "run": "runs/a",
+             "beat": 1, "heartbeat_unix": now, "heartbeat": "earlier"}
+    storage.write(LEASE, json.dumps(lease).encode())
+    return lease
+
+
+def test_acquire_heartbeat_release(tmp_path):
+    storage = Storage(str(tmp_path))
+    lease = Lease(storage, "runs/a", ttl_s=0.6, log=Logs(), settle_s=0.01)
+    lease.acquire()
+    first = json.loads(storage.read(LEASE))
+    assert first["pid"] == os.getpid() and first["run"] == "runs/a"
+    time.sleep(0.5)  # heartbeats every ttl/3
+    assert json.loads(storage.read(LEASE))["beat"] > first["beat"]
+    lease.check()
+    lease.release()
+    assert not storage.exists(LEASE)
+
+
+def test_same_machine_live_holder_is_refused_at_once(tmp_path):
+    storage = Storage(str(tmp_path))
+    holder = Lease(storage, "runs/first", ttl_s=30, log=Logs(), settle_s=0.01)
+    holder.acquire()
+    try:
+        start = time.monotonic()
+        with pytest.raises(LeaseHeldError) as err:
+            Lease(storage, "runs/second", ttl_s=30, log=Logs(), settle_s=0.01).acquire()
+        assert time.monotonic() - start < 15  # at once, not after the 30 s ttl
+        message = str(err.value)
+        assert "\n" not in message and "runs/first" in message and f"pid {os.getpid()}" in message
+    finally:
+        holder.release()
+
+
+def test_same_machine_dead_holder_is_taken_over_at_once(tmp_path):
+    storage = Storage(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # exited: that pid is (almost surely) free now
+    storage.write(LEASE, json.dumps({"holder": "gone", "host": "here", "pid": pid, "run": "runs/old",
+                                     "machine": machine_id(), "beat": 3, "heartbeat_unix": time.time(),
+                                     "heartbeat": "now"}).encode())
+    logs = Logs()
+    start = time.monotonic()
+    lease = Lease(storage, "runs/new", ttl_s=30, log=logs, settle_s=0.01)
+    lease.acquire()
+    assert time.monotonic() - start < 15  # at once, not after the 30 s ttl
+    assert any("taking over" in line and "runs/old" in line for line in logs)
+    assert json.loads(storage.read(LEASE))["run"] == "runs/new"
+    lease.release()
+
+
+def test_other_machine_long_silent_is_taken_over_at_once(tmp_path):
+    storage = Storage(str(tmp_path))
+    other_machine(storage, age_s=3600)
+    start = time.monotonic()
+    lease = Lease(storage, "runs/new", ttl_s=30, log=Logs(), settle_s=0.01)
+    lease.acquire()
+    assert time.monotonic() - start < 15  # at once, not after the 30 s ttl
+    lease.release()
+
+
+def test_other_machine_that_stops_beating_is_taken_over_after_one_ttl(tmp_path):
+    storage = Storage(str(tmp_path))
+    other_machine(storage, age_s=0)  # fresh, but nobody beats it any more (the VM vanished)
+    start = time.monotonic()
+    lease = Lease(storage, "runs/new", ttl_s=1.0, log=Logs(), settle_s=0.01)
+    lease.acquire()
+    assert 1.0 <= time.monotonic() - start < 25  # one ttl, not forever
+    lease.release()
+
+
+def test_other_machine_still_beating_is_refused(tmp_path):
+    storage = Storage(str(tmp_path))
+    lease = other_machine(storage)
+
+    import threading
+    stop = threading.Event()
+
+    def beat() -> None:  # the other machine's heartbeat, while we watch
+        while not stop.wait(0.1):
+            lease["beat"] += 1
+            lease["heartbeat_unix"] = time.time()
+            storage.write(LEASE, json.dumps(lease).encode())
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(LeaseHeldError, match="node-7"):
+            Lease(storage, "runs/new", ttl_s=2.0, log=Logs(), settle_s=0.01).acquire()
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_holder_notices_a_takeover_and_stops_committing(tmp_path):
+    storage = Storage(str(tmp_path))
+    logs = Logs()
+    lease = Lease(storage, "runs/a", ttl_s=0.6, log=logs, settle_s=0.01)
+    lease.acquire()
+    other_machine(storage)  # someone took it (e.g. judged us dead across a network partition)
+    with pytest.raises(LeaseHeldError, match="taken over by run 'runs/a'|taken over by"):
+        lease.check()
+    lease.release()
+    assert storage.exists(LEASE)  # not ours any more: never removed by us
+
+
+def test_lease_on_s3(tmp_path):
+    import s3fs
+
+    with moto_server() as endpoint:
+        bucket = make_bucket(endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        storage = Storage(f"s3://{bucket}/ck", options)
+        first = Lease(storage, "runs/a", ttl_s=30, log=Logs(), settle_s=0.05)
+        first.acquire()
+        with pytest.raises(LeaseHeldError, match="runs/a"):
+            Lease(Storage(f"s3://{bucket}/ck", options), "runs/b", ttl_s=30, log=Logs(), settle_s=0.05).acquire()
+        first.release()
+        assert not storage.exists(LEASE)
+        second = Lease(storage, "runs/b", ttl_s=30, log=Logs(), settle_s=0.05)
+        second.acquire()
+        second.release()
+        s3fs.S3FileSystem.clear_instance_cache()
