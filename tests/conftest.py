@@ -15,6 +15,8 @@ or injected faults; `pytest -m "not slow"` is the fast loop.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Iterator
 
 import pytest
@@ -22,18 +24,26 @@ import pytest
 from helpers.faultinject import aws_test_env, moto_server
 
 
+# Set here, when pytest loads this file, not in a fixture: huggingface_hub and datasets read these at
+# import, and collecting the test modules imports them (the checkpoint layout uses huggingface_hub). Set
+# later, the hub is not offline for them: each hub test then retried a dead network for ~23 s.
+_HOME = tempfile.mkdtemp(prefix="tinydist-tests-home-")
+os.environ.update({
+    "HF_HOME": os.path.join(_HOME, "hf"),  # datasets' cache: never the user's
+    "HF_HUB_OFFLINE": "1",  # the hub is unreachable here; fail fast instead of retrying
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "WANDB_MODE": "offline",  # never a login prompt, never a network call
+    "WANDB_SILENT": "true",
+    "WANDB_DIR": os.path.join(_HOME, "wandb"),
+    "TQDM_DISABLE": "1",
+})
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _offline_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
-    home = tmp_path_factory.mktemp("home")
-    os.environ.update({
-        "HF_HOME": str(home / "hf"),  # datasets' cache: never the user's
-        "HF_HUB_OFFLINE": "1",  # the hub is unreachable here; fail fast instead of retrying
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "WANDB_MODE": "offline",  # never a login prompt, never a network call
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(home / "wandb"),
-        "TQDM_DISABLE": "1",
-    })
+def _offline_environment() -> Iterator[None]:
+    """The environment above for the whole session; its home folder removed at the end."""
+    yield
+    shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
