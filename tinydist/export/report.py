@@ -8,19 +8,16 @@ Needs matplotlib (`pip install -e '.[report]'`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import fsspec
 
+from tinydist.export.history import (LOSS_KEYS, ReportError, clip_notes, finite_positive, loss_clip, missing_metrics,
+                                     plural, read_metrics, series, stops, title_for)
 from tinydist.runtime import cli
-from tinydist.runtime.exitcodes import PermanentError
 
 INSTALL_HINT = "the report needs matplotlib: pip install -e '.[report]'"
-LOSS_KEYS = ("train/loss", "val/loss", "val_ema/loss")
 # Colour says which metric, style which weights: raw solid with filled markers, the EMA (val_ema/*, on in
 # both recipes) dashed with hollow markers. Flip TTA (cyan, dotted: green and purple are event lines) is
 # drawn for top-1 only: top-5 sits near 1.0, where two more curves would only hide the others.
@@ -33,160 +30,11 @@ ACCURACY_CURVES = (("val/top1", "C0", "-", "o", False), ("val/top5", "C1", "-", 
 # A log axis labels only powers of 10 by default: a loss going from 5 to 0.07 would read "1" and "0.1"
 # and nothing else. Labelled ticks at 1-2-5 or every integer multiple, whichever first gives this many.
 MIN_LOSS_LABELS = 4
-# The loss axis spans every loss up to CLIP_FACTOR times a robust reference (the 95th percentile of
-# the train loss, or the median val loss if that is higher); a loss above is drawn off the top edge
-# and marked there. One wild early eval (BN statistics of a few steps) must not flatten the curves.
-CLIP_FACTOR = 10.0
 MAX_EVENT_LINES = 8  # events described one per line under the plots; more are summarised
 PREEMPTED, RESUMED, UNPAIRED = "tab:red", "tab:green", "tab:purple"
 # Red and green dashes that fill each other's gaps: a preemption and its resume at the same step read
 # as one red-green line, and each stays visible alone.
 PREEMPTED_DASHES, RESUMED_DASHES = (0, (5, 5)), (5, (5, 5))
-
-
-class ReportError(PermanentError):
-    """Nothing to draw from, or nothing to draw with: no rerun fixes it (exit 2, one line, via cli.run)."""
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    with fsspec.open(f"{run_dir.rstrip('/')}/metrics.jsonl", "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _missing_metrics(run_dir: str) -> ReportError:
-    run_dir = run_dir.rstrip("/") or "/"
-    fs, path = fsspec.core.url_to_fs(run_dir)
-    where = f"{run_dir} does not exist" if not fs.exists(path) else f"{run_dir} holds no metrics.jsonl"
-    return ReportError(f"{run_dir}/metrics.jsonl not found: {where}; give a run's train.output_dir "
-                       "(the folder training writes metrics.jsonl, checkpoints/ and model/ into)")
-
-
-def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["epoch"], r[key]) for r in records if key in r]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-@dataclass
-class Stop:
-    """Where a run stopped and/or came back: a preempted event, the resumed event that follows it,
-    or a resumed event with no preemption before it (a hard kill, or a rerun of a finished run)."""
-
-    preempted: Optional[dict[str, Any]] = None
-    resumed: Optional[dict[str, Any]] = None
-
-    @property
-    def kind(self) -> str:
-        if self.preempted is None:
-            return "unpaired resume"
-        return "preempted" if self.resumed is None else "preempted+resumed"
-
-    @property
-    def epoch(self) -> float:
-        return (self.preempted or self.resumed or {}).get("epoch", 0.0)
-
-    @property
-    def same_place(self) -> bool:
-        return (self.preempted is not None and self.resumed is not None
-                and self.preempted.get("step") == self.resumed.get("step"))
-
-    def describe(self) -> str:
-        def where(r: dict[str, Any]) -> str:
-            return f"step {r.get('step', '?')} (epoch {r.get('epoch', 0.0):.4g})"
-
-        def back(r: dict[str, Any]) -> str:
-            return f"resumed on {r.get('world_size', '?')} proc. ({r.get('device', '?')})"
-
-        p, r = self.preempted, self.resumed
-        if p is None:
-            assert r is not None
-            return f"{where(r)}: {back(r)}, no preemption logged before it (after a hard kill, or a rerun)"
-        stopped = f"preempted ({p['signal']})" if p.get("signal") else "preempted"
-        if r is None:
-            return f"{where(p)}: {stopped}, not resumed (yet)"
-        if self.same_place:
-            return f"{where(p)}: {stopped}, {back(r)}"
-        return f"{where(p)}: {stopped}; {back(r)} at {where(r)}"
-
-
-def stops(records: list[dict[str, Any]]) -> list[Stop]:
-    """Events in file order; each resumed event answers the last preempted event not yet answered."""
-    found: list[Stop] = []
-    pending: Optional[Stop] = None
-    for record in records:
-        if record.get("event") == "preempted":
-            pending = Stop(preempted=record)
-            found.append(pending)
-        elif record.get("event") == "resumed":
-            if pending is not None:
-                pending.resumed, pending = record, None
-            else:
-                found.append(Stop(resumed=record))
-    return found
-
-
-def plural(n: int, word: str, many: Optional[str] = None) -> str:
-    return f"{n} {word if n == 1 else (many or word + 's')}"
-
-
-def title_for(name: str, found: list[Stop]) -> str:
-    """'runs/demo (2 preemptions, 3 resumes: 1 after a kill or a rerun)': only preempted events count as
-    preemptions; a resume that follows none (a hard kill, or a rerun of a finished run) is said apart."""
-    preemptions = sum(s.preempted is not None for s in found)
-    resumes = sum(s.resumed is not None for s in found)
-    unpaired = sum(s.kind == "unpaired resume" for s in found)
-    counts = f"{plural(preemptions, 'preemption')}, {plural(resumes, 'resume')}"
-    if unpaired:
-        counts += f": {unpaired} after a kill or a rerun"
-    return f"{name} ({counts})"
-
-
-def loss_clip(records: list[dict[str, Any]]) -> tuple[Optional[float], list[dict[str, Any]]]:
-    """(threshold, losses above it) for the loss axis; (None, []) when nothing needs clipping. The EMA's
-    val loss is clipped at the same threshold but does not set it (its early evals average weights from
-    the first steps: a reference that would follow them would not clip anything)."""
-    train = [r["train/loss"] for r in records if _finite_positive(r.get("train/loss"))]
-    val = [r["val/loss"] for r in records if _finite_positive(r.get("val/loss"))]
-    references = []
-    if train:
-        references.append(_percentile(train, 95))
-    if val:
-        references.append(statistics.median(val))
-    if not references:
-        return None, []
-    threshold = CLIP_FACTOR * max(references)
-    clipped = [{"key": key, "step": r.get("step"), "epoch": r["epoch"], "value": float(r[key])}
-               for r in records for key in LOSS_KEYS
-               if key in r and isinstance(r[key], (int, float)) and not r[key] <= threshold]  # NaN counts too
-    return threshold, clipped
-
-
-def _finite_positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    at = (len(ordered) - 1) * q / 100
-    lo = math.floor(at)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
-
-
-def clip_notes(clipped: list[dict[str, Any]]) -> list[str]:
-    """'1 val loss above the axis (1047 at step 24)', one line per key; NaNs said apart."""
-    notes = []
-    for key in LOSS_KEYS:
-        name, names = key.replace("/", " "), key.replace("/", " ").replace("loss", "losses")
-        above = [c for c in clipped if c["key"] == key and not math.isnan(c["value"])]
-        nans = [c for c in clipped if c["key"] == key and math.isnan(c["value"])]
-        if above:
-            shown = ", ".join(f"{c['value']:.4g} at step {c['step']}" for c in above[:3])
-            more = f", {len(above) - 3} more" if len(above) > 3 else ""
-            notes.append(f"{plural(len(above), name, names)} above the axis ({shown}{more})")
-        if nans:
-            steps = ", ".join(str(c["step"]) for c in nans[:5]) + (", ..." if len(nans) > 5 else "")
-            notes.append(f"{plural(len(nans), name, names)} NaN, marked at the top edge (step {steps})")
-    return notes
 
 
 def log_ticks(low: float, high: float) -> list[float]:
@@ -264,7 +112,7 @@ def build_figure(records: list[dict[str, Any]], name: str) -> tuple[Any, dict[st
 
     if clipped:
         assert threshold is not None
-        kept = [v for k in LOSS_KEYS for v in series(records, k)[1] if _finite_positive(v) and v <= threshold]
+        kept = [v for k in LOSS_KEYS for v in series(records, k)[1] if finite_positive(v) and v <= threshold]
         top = max(kept) * 1.6 if kept else threshold
         bottom = min(kept) / 1.6 if kept else threshold / 100
         ax_loss.set_ylim(bottom, top)
@@ -402,7 +250,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         records = read_metrics(args.run_dir)
     except FileNotFoundError as e:
-        raise _missing_metrics(args.run_dir) from e
+        raise missing_metrics(args.run_dir) from e
     out = args.out or f"{args.run_dir.rstrip('/')}/curves.png"
     render(records, out, args.run_dir)
     print(out)

@@ -436,3 +436,14 @@ def test_curves_png_is_drawn_afresh_else_the_old_file_else_none(tmp_path: Path, 
     assert report.curves_png(str(run)) == PNG_SIGNATURE + b"an earlier picture"
 
     assert report.curves_png(str(tmp_path / "never-ran")) is None  # nothing at all: None, never a raise
+
+
+def test_a_torn_line_is_left_out_not_a_crash(tmp_path: Path) -> None:
+    """A kill mid-write can leave half a line at the end of metrics.jsonl: the report draws the rest."""
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [{"step": s, "epoch": s / 10, "samples": s * 64, "train/loss": 2.0 / s} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 6, "epo')
+    assert report.read_metrics(str(run)) == good
+    assert report.main([str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
