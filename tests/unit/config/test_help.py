@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fixtures as fixtures as fx
+from helpers import fixtures as fx
 from tinydist import config
 from tinydist.config import schema
 from tinydist.data import sources

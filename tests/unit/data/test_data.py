@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import fixtures as fixtures as fx
+from helpers import fixtures as fx
 from tinydist.config import ConfigError, DataConfig
 from tinydist.data import cache as data
 from tinydist.data.cache import load_split
