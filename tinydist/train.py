@@ -6,9 +6,7 @@
 Devices, process count, precision and nodes come from Accelerate. The trajectory is fixed by the
 config alone: a step consumes the same global batch whatever the world size (data/sampler.py), and a
 run killed at any moment resumes from its newest committed checkpoint as if it never stopped.
-Exit codes (runtime/exitcodes.py, decided in `main` alone): 0 done; 75 stopped after a committed
-checkpoint (relaunch now); 69 transient: storage, network, hub or a peer unavailable, the checkpoint
-dir leased by a live job (relaunch with backoff); 2 bad config, data or checkpoint (don't); else a crash.
+Exit codes: the contract in runtime/exitcodes.py, decided by runtime/cli.py for `main` as for every entry.
 
 Here: `train` (setup -> restore -> loop -> finish), `train_step` (one optimizer step, the unit that
 train and `python -m tinydist.bench` run), `validate` and `finish`. The run's state and the phases'

@@ -183,17 +183,6 @@ def test_gather_across_arrow_chunks_of_digits(cache_dir):
 # ---- fingerprint: same inputs reuse, changed inputs rebuild --------------------------------------------
 
 
-@pytest.fixture
-def build_calls(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    original = data._build_cache
-
-    def spy(src, cfg, folder, max_samples, log):
-        calls.append(folder)
-        return original(src, cfg, folder, max_samples, log)
-
-    monkeypatch.setattr(data, "_build_cache", spy)
-    return calls
 
 
 def test_same_inputs_reuse_the_cache_folder(sources, tmp_path, build_calls):

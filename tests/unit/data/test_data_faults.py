@@ -38,17 +38,6 @@ class Log(list):
         return [m for m in self if "is damaged" in m]
 
 
-@pytest.fixture
-def builds(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    original = data._build_cache
-
-    def spy(src, cfg, folder, max_samples, log):
-        calls.append(folder)
-        return original(src, cfg, folder, max_samples, log)
-
-    monkeypatch.setattr(data, "_build_cache", spy)
-    return calls
 
 
 def digits(tmp_path: Path) -> DataConfig:
@@ -170,13 +159,13 @@ DAMAGE = [truncate_at_batch_boundary, truncate_mid_batch, random_bytes_over_the_
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
-def test_damaged_cache_is_rebuilt_with_one_line_saying_why(tmp_path, builds, damage):
+def test_damaged_cache_is_rebuilt_with_one_line_saying_why(tmp_path, build_calls, damage):
     cfg = digits(tmp_path)
     folder, (pixels, labels) = build_and_release(cfg)
     damage(folder)
     log = Log()
     cache = load_split(cfg, "train", log=log)
-    assert cache.folder == folder and builds == [folder, folder]
+    assert cache.folder == folder and build_calls == [folder, folder]
     (line,) = log.damaged()
     assert line.startswith(f"decode cache {folder} is damaged (") and line.endswith("); rebuilding it")
     assert "\n" not in line
@@ -186,7 +175,7 @@ def test_damaged_cache_is_rebuilt_with_one_line_saying_why(tmp_path, builds, dam
     assert os.listdir(tmp_path / "cache") == [os.path.basename(folder)]  # nothing left beside it
     log.clear()
     load_split(cfg, "train", log=log)  # and the rebuilt cache verifies
-    assert not log and len(builds) == 2
+    assert not log and len(build_calls) == 2
 
 
 def test_the_reasons_name_what_was_wrong(tmp_path):
@@ -210,13 +199,13 @@ def test_truncation_at_a_batch_boundary_would_otherwise_read_as_fewer_rows(tmp_p
     assert 0 < table.num_rows < DIGITS_TRAIN
 
 
-def test_a_clean_open_does_not_rewrite_anything(tmp_path, builds):
+def test_a_clean_open_does_not_rewrite_anything(tmp_path, build_calls):
     cfg = digits(tmp_path)
     folder, _ = build_and_release(cfg)
     before = {p.name: p.stat().st_mtime_ns for p in Path(folder).iterdir()}
     log = Log()
     load_split(cfg, "train", log=log)
-    assert not log and builds == [folder]
+    assert not log and build_calls == [folder]
     assert {p.name: p.stat().st_mtime_ns for p in Path(folder).iterdir()} == before
 
 
@@ -254,7 +243,7 @@ def test_sampled_signature_above_the_full_hash_threshold(tmp_path, monkeypatch):
     assert not log.damaged() and not np.array_equal(snapshot(cache)[0], pixels)
 
 
-def test_a_rebuild_that_is_damaged_again_is_a_data_error_not_a_loop(tmp_path, builds, monkeypatch):
+def test_a_rebuild_that_is_damaged_again_is_a_data_error_not_a_loop(tmp_path, build_calls, monkeypatch):
     original = cache_files.file_record
 
     def wrong_size(path, table):
@@ -267,7 +256,7 @@ def test_a_rebuild_that_is_damaged_again_is_a_data_error_not_a_loop(tmp_path, bu
         load_split(digits(tmp_path), "train", log=Log())
     message = str(e.value)
     assert "\n" not in message and "damaged right after it was built" in message and "bytes, expected" in message
-    assert len(builds) == 1
+    assert len(build_calls) == 1
 
 
 class FakeAccelerator:
@@ -283,7 +272,7 @@ class FakeAccelerator:
         yield
 
 
-def test_only_the_local_main_process_rebuilds(tmp_path, builds):
+def test_only_the_local_main_process_rebuilds(tmp_path, build_calls):
     cfg = digits(tmp_path)
     folder, _ = build_and_release(cfg)
     truncate_mid_batch(folder)
@@ -292,10 +281,10 @@ def test_only_the_local_main_process_rebuilds(tmp_path, builds):
         with pytest.raises(DataError) as e:
             load_split(cfg, "train", log=Log(), **kwargs)
         assert "\n" not in str(e.value) and "local main process had just verified it" in str(e.value)
-        assert arrow_file(folder).stat().st_size == size and builds == [folder]  # left as found
+        assert arrow_file(folder).stat().st_size == size and build_calls == [folder]  # left as found
     main = FakeAccelerator(True)
     cache = load_split(cfg, "train", main_process_first=main.local_main_process_first, log=Log())
-    assert len(cache) == DIGITS_TRAIN and main.entered == 1 and builds == [folder, folder]
+    assert len(cache) == DIGITS_TRAIN and main.entered == 1 and build_calls == [folder, folder]
 
 
 def test_accelerate_says_who_the_local_main_process_is():
@@ -306,7 +295,7 @@ def test_accelerate_says_who_the_local_main_process_is():
     assert callable(accelerate.Accelerator.local_main_process_first)
 
 
-# ---- temp folders of killed builds --------------------------------------------------------------------
+# ---- temp folders of killed build_calls --------------------------------------------------------------------
 
 
 def make_temp(path: Path, age_s: float = 0) -> Path:
