@@ -295,7 +295,7 @@ def test_accelerate_says_who_the_local_main_process_is():
     assert callable(accelerate.Accelerator.local_main_process_first)
 
 
-# ---- temp folders of killed build_calls --------------------------------------------------------------------
+# ---- temp folders of killed builds --------------------------------------------------------------------
 
 
 def make_temp(path: Path, age_s: float = 0) -> Path:
