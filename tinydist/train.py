@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from tinydist.ckpt.backoff import retry_storage
 from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.ckpt.tiers import Tiers
 from tinydist.ckpt.lease import Lease, claim_storage
 from tinydist.ckpt.storage import StorageFullError
 from tinydist.config import Config, load_config
@@ -83,7 +84,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                                         stop.request, metadata_url=cfg.preemption.metadata_url,
                                         poll_s=cfg.preemption.poll_s, log=say)
     lease: Optional[Lease] = None
-    checkpointer: Optional[Checkpointer] = None
+    tiers: Optional[Tiers] = None
     runlog: Optional[RunLog] = None
     run: Optional[Run] = None
     try:
@@ -93,11 +94,12 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             return EXIT_PREEMPTED
         run = build_run(cfg, accelerator, *data, say=say)
         lease = claim_storage(cfg, stop, peers, say)
-        checkpointer = open_checkpoints(run, lease, peers, say)
+        tiers = open_checkpoints(run, lease, peers, say)  # checkpoint.dir, and this machine's local tier
+        checkpointer = tiers.durable
 
         # Restore: the newest committed checkpoint, if any. One at the last step is a finished run (or
         # one whose export was cut short): straight to finish, no trackers, no write to the checkpoints.
-        state = restore(run, checkpointer, say)
+        state = restore(run, tiers, peers, say)
         resumed = state is not None
         metrics: dict[str, float] = dict(state.metrics) if resumed else {}  # what the export records if no step is left
         guard = DivergenceGuard(run.step)
@@ -106,6 +108,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             exit_code = finish(cfg, checkpointer, run.bare_model, run.ema, run.step, metrics,
                                run.train_data.classes, accelerator.is_main_process, say)
             accelerator.wait_for_everyone()
+            tiers.finished()
             return exit_code
         clock = SaveClock.from_config(cfg, say)
         clock.start(checkpointer.estimate_blocked_s(run.bare_model, run.optimizer.optimizer) if clock.auto else 0.0)
@@ -113,7 +116,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                         len(run.train_data))
         write_config(cfg, accelerator.is_main_process, say)
         if resumed:
-            runlog.event("resumed", run.step, world_size=world, device=device.type)
+            runlog.event("resumed", run.step, world_size=world, device=device.type, **run.resumed)
 
         # The loop: steps, then what the triggers ask for; the stop flag and the divergence guard.
         triggers = Triggers(cfg, run.sampler.epoch_at, run.last_step)
@@ -121,31 +124,34 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         run.start_loop()
         exit_code = EXIT_OK
         while run.step < run.last_step:
-            lr = train_step(run, before_update=checkpointer.snapshot_barrier)  # a save may still be copying
-            stopping, faulted, clock_due = stop.agreed(peers, checkpointer.fault is not None, clock.due())
+            lr = train_step(run, before_update=tiers.snapshot_barrier)  # a save may still be copying
+            tiers.progress(run.step)
+            stopping, faulted, clock_due, local_lost = stop.agreed(peers, tiers.fault is not None, clock.due(),
+                                                                   tiers.local_failed)
             if faulted:  # saves failed for checkpoint.max_outage_s (relaunch later), or found NaN weights
-                fault = checkpointer.fault
+                fault = tiers.fault
                 if isinstance(fault, DivergedError):
-                    raise guard.error(str(fault), fault.step or run.step, checkpointer.last_commit)
+                    raise guard.error(str(fault), fault.step or run.step, tiers.last_commit)
                 raise fault or TransientError("a peer's checkpoint storage has been failing too long")
             shown: dict[str, str] = {}
             if triggers.should_log(run.step, stopping):
                 loss, rate = run.window.read(accelerator, run.sampler.accumulation, cfg.train.global_batch_size)
-                guard.check_loss(loss, run.step, checkpointer.last_commit)  # read here anyway: no extra sync
+                guard.check_loss(loss, run.step, tiers.last_commit)  # read here anyway: no extra sync
                 runlog.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, run.step)
                 shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
             console.progress(run.step, run.sampler.epoch_at(run.step), **shown)
             metrics = validate(run, runlog, say) if triggers.should_eval(run.step) else {}
-            if triggers.should_save(run.step, stopping, clock_due):
+            if tiers.lose_local(local_lost) or triggers.should_save(run.step, stopping, clock_due):
                 try:
-                    save(run, checkpointer, clock, runlog.run_id, metrics,
-                         blocking=stopping or run.step == run.last_step)
+                    save(run, tiers, clock, runlog.run_id, metrics, blocking=stopping or run.step == run.last_step)
                 except StorageFullError as e:
                     if stopping:  # nothing saved to stop after: the launcher must back off, not hurry
                         raise TransientError(f"stopping after {stop.signal_name}, but the checkpoint could not be "
                                              f"saved ({e}); a relaunch resumes from the last commit") from e
                     say("warning: no final checkpoint (the disk is full, see above); exporting the model anyway")
                 runlog.flush()
+            elif tiers.local_due(run.step):  # this machine's local tier: lose at most a step to a crash
+                save(run, tiers, clock, runlog.run_id, metrics, blocking=False, durable=False)
             if stopping:
                 runlog.event("preempted", run.step, signal=stop.signal_name)
                 say(f"stopped at step {run.step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
@@ -156,14 +162,16 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
 
         # Finish: the last save committed, then the export (idempotent); trackers closed after the last barrier.
         try:
-            checkpointer.wait()
+            tiers.wait()
         except DivergedError as e:  # the last save found what the last log step could not yet see
-            raise guard.error(str(e), e.step or run.step, checkpointer.last_commit) from None
+            raise guard.error(str(e), e.step or run.step, tiers.last_commit) from None
         runlog.flush()  # the curves the export draws are whole
         if exit_code == EXIT_OK:
             exit_code = finish(cfg, checkpointer, run.bare_model, run.ema, run.step, metrics, run.train_data.classes,
                                accelerator.is_main_process, say)
         accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
+        if exit_code == EXIT_OK:
+            tiers.finished()
         runlog.finish(preempted=exit_code == EXIT_PREEMPTED)  # last: it ends the process group too
         runlog = None
         return exit_code
@@ -174,9 +182,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         if own_stop:
             stop.restore()
         console.close()
-        if checkpointer is not None:  # a lost peer's part file never comes: do not wait for it
+        if tiers is not None:  # a lost peer's part file never comes: do not wait for it
             escaping = sys.exc_info()[1]
-            checkpointer.close(abandon=escaping is not None and is_peer_failure(escaping))
+            tiers.close(abandon=escaping is not None and is_peer_failure(escaping))
         if runlog is not None:
             try:
                 runlog.finish(preempted=False)

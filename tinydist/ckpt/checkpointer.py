@@ -77,7 +77,8 @@ class Checkpointer:
                  commit_timeout_s: float = 1800.0, storage_options: Optional[dict[str, Any]] = None,
                  max_outage_s: float = 1800.0, retry_s: float = 2.0, max_retry_s: float = 60.0,
                  lease: Optional[Lease] = None, peers: Optional[Peers] = None,
-                 best_metric: Optional[str] = None) -> None:
+                 best_metric: Optional[str] = None, commit_log: Optional[Callable[[str], None]] = None,
+                 on_commit: Optional[Callable[[int], None]] = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}; expected at least 1")
         if not 0 <= rank < world_size:
@@ -91,7 +92,8 @@ class Checkpointer:
         self.retention = Retention(self.storage, keep_last, best_metric, log)
         self._committer = Committer(self.storage, self.retention, rank=rank, world_size=world_size,
                                     max_shard_size=self.max_shard_size, commit_timeout_s=commit_timeout_s,
-                                    lease=lease, log=log)
+                                    lease=lease, log=log, commit_log=commit_log)
+        self.on_commit = on_commit  # called in the writer thread with the step of each commit (tiers.py)
         self.fault: Optional[BaseException] = None  # set when the run should stop (outage too long, diverged)
         self.last_commit: Optional[int] = None  # step of the newest commit this job made or resumed from
         self.last_error: Optional[BaseException] = None  # the last save's failure, if it failed
@@ -231,6 +233,8 @@ class Checkpointer:
             try:
                 if self._committer.write(attempt, host, record, inflight.cancel, inflight.written):
                     self.last_commit = record["step"]
+                    if self.on_commit is not None:
+                        self.on_commit(record["step"])
                 backoff.succeeded()
                 return
             except Superseded:

@@ -50,13 +50,32 @@ class Attempt:
                 pass
 
 
+def commit(attempt: Attempt, record: dict) -> None:
+    """Seal the folder `attempt` wrote: state.json (`record`, stamped with the time), then the marker,
+    the sha256 of state.json, last. Every file the record's table lists must be in place already."""
+    record = {**record, "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    data = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()
+    attempt.write(STATE, data)
+    attempt.storage.write(f"{attempt.folder}/{MARKER}", (layout.sha256(data) + "\n").encode())
+
+
+def clean_up(retention: Retention, log: Callable[[str], None]) -> None:
+    """Retention after a commit; a failure leaves the commit standing (leftovers go at the next cleanup)."""
+    try:
+        retention.cleanup()
+    except (StorageError, StorageRefusedError) as e:
+        log(f"could not clean up {retention.storage.url} after the commit ({e})")
+
+
 class Committer:
     """This rank's part of every save: what it writes, and (rank 0) the commit."""
 
     def __init__(self, storage: Storage, retention: Retention, *, rank: int, world_size: int, max_shard_size: int,
-                 commit_timeout_s: float, lease: Optional[Lease], log: Callable[[str], None]) -> None:
+                 commit_timeout_s: float, lease: Optional[Lease], log: Callable[[str], None],
+                 commit_log: Optional[Callable[[str], None]] = None) -> None:
         self.storage, self.retention, self.rank, self.world_size = storage, retention, rank, world_size
         self.max_shard_size, self.commit_timeout_s, self.lease, self.log = max_shard_size, commit_timeout_s, lease, log
+        self.commit_log = commit_log or log  # the line each commit says (the local tier: none, every step)
 
     def write(self, attempt: Attempt, host: HostSets, record: dict, cancel: threading.Event,
               written: threading.Event) -> bool:
@@ -101,18 +120,11 @@ class Committer:
         stop_if_superseded()
         if self.lease is not None:
             self.lease.check()
-        record = {**record, "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "files": dict(sorted(files.items()))}
-        data = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()
-        attempt.write(STATE, data)
-        self.storage.write(f"{name}/{MARKER}", (layout.sha256(data) + "\n").encode())
+        commit(attempt, {**record, "files": dict(sorted(files.items()))})
         size = sum(f["bytes"] for f in files.values()) / 1e6
-        self.log(f"checkpoint {self.storage.show(name)} committed: {len(files)} files, {size:.1f} MB, "
-                 f"{time.monotonic() - t0:.1f} s after save()")
-        try:
-            self.retention.cleanup()
-        except (StorageError, StorageRefusedError) as e:  # the commit stands; leftovers go at the next cleanup
-            self.log(f"could not clean up {self.storage.url} after the commit ({e})")
+        self.commit_log(f"checkpoint {self.storage.show(name)} committed: {len(files)} files, {size:.1f} MB, "
+                        f"{time.monotonic() - t0:.1f} s after save()")
+        clean_up(self.retention, self.log)
         return True
 
     def wait_for_parts(self, name: str, step: int, cancel: threading.Event) -> list[dict]:

@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Optional
 
 from tinydist import config as config_lib
-from tinydist.config import Config
+from tinydist.config import Config, ConfigError
 from tinydist.runtime.exitcodes import PermanentError, TransientError
 from tinydist.runtime.host import machine_id, pid_alive
 from tinydist.ckpt.storage import Storage, StorageError, StorageRefusedError
@@ -163,6 +163,8 @@ def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any) -> Optional[Leas
     lease, error = None, None
     if peers.rank == 0:
         try:
+            if cfg.checkpoint.local_dir:
+                check_local_dir(cfg.checkpoint.local_dir, config_lib.checkpoint_dir(cfg))
             Storage(config_lib.checkpoint_dir(cfg)).probe("checkpoint.dir")
             Storage(cfg.train.output_dir).probe("train.output_dir")
             if cfg.checkpoint.lease_ttl_s > 0:
@@ -171,9 +173,32 @@ def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any) -> Optional[Leas
                 lease.acquire()
         except (PermanentError, TransientError) as e:  # every rank must learn it, whichever it is
             error = e
-    _, failed, _ = stop.agreed(peers, fault=error is not None)
+    _, failed, _, _ = stop.agreed(peers, fault=error is not None)
     if error is not None:
         raise error
     if failed:
         raise TransientError("rank 0 could not claim the checkpoint dir (see its message)")
     return lease
+
+
+def check_local_dir(local_dir: str, durable_url: str) -> None:
+    """ConfigError (one line) for a local tier that would protect against nothing: on the same file
+    system as checkpoint.dir, or inside it."""
+    local = os.path.abspath(local_dir.removeprefix("file://"))
+    durable_storage = Storage(durable_url)
+    if not durable_storage.local:
+        return
+    durable = os.path.abspath(durable_storage.root)
+    if local == durable or local.startswith(durable + os.sep) or durable.startswith(local + os.sep):
+        raise ConfigError(f"checkpoint.local_dir={local_dir} and checkpoint.dir={durable_url} overlap; expected the "
+                          "local tier on storage of its own, e.g. --checkpoint.local_dir=/dev/shm/tinydist")
+    if _device(local) == _device(durable):
+        raise ConfigError(f"checkpoint.local_dir={local_dir} is on the same file system as checkpoint.dir="
+                          f"{durable_url}: a second copy there saves nothing the first does not; expected a faster "
+                          "local folder (/dev/shm/tinydist, a local NVMe) with checkpoint.dir on shared storage")
+
+
+def _device(path: str) -> int:
+    while not os.path.exists(path):  # the nearest folder that exists: where it would be created
+        path = os.path.dirname(path)
+    return os.stat(path).st_dev

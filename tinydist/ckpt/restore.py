@@ -13,7 +13,7 @@ tensors first and check the state after; they stay until train.py calls `restore
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from tinydist.ckpt.state import TrainState, config_changes
 from tinydist.config import Config, ConfigError
 
 # config_changes lives with TrainState; train.py imports it from here.
-__all__ = ["Restored", "restore", "load_resume_point", "check_resume_state", "config_changes"]
+__all__ = ["Restored", "restore", "state_check", "load_resume_point", "check_resume_state", "config_changes"]
 
 
 @dataclass(frozen=True)
@@ -40,20 +40,29 @@ class Restored:
         return self.state.step
 
 
-def restore(cfg: Config, checkpointer: Checkpointer, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            ema: Optional[torch.nn.Module] = None, dataset_size: int) -> Optional[Restored]:
-    """Resume what checkpoint.resume names into model, optimizer and ema, or None to start fresh. The
-    state is read and checked against `cfg` and the data (`dataset_size` images) before any tensor is."""
-    found: dict[str, Restored] = {}
-
+def state_check(cfg: Config, dataset_size: int,
+                found: Optional[dict[str, Restored]] = None) -> Callable[[str, dict], None]:
+    """`check(path, record)`: a checkpoint's state read and checked against `cfg` and the data
+    (`dataset_size` images) — what a resume cannot change (ConfigError), counters that hold together
+    (InvalidCheckpointError) — with no tensor read; what passes is recorded in `found`."""
     def check(path: str, record: dict) -> None:
         state = TrainState.from_record(path, record)
         changes = state.config_changes(path, cfg)  # refuses what a resume cannot change
         state.check(path, dataset_size)
-        found[path] = Restored(path, state, record, changes, tensor_sets(record))
+        if found is not None:
+            found[path] = Restored(path, state, record, changes, tensor_sets(record))
+    return check
 
+
+def restore(cfg: Config, checkpointer: Checkpointer, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            ema: Optional[torch.nn.Module] = None, dataset_size: int, path: Optional[str] = None) -> Optional[Restored]:
+    """Resume what checkpoint.resume names (or `path`, a checkpoint the caller chose: the local tier's)
+    into model, optimizer and ema, or None to start fresh. The state is read and checked against `cfg`
+    and the data (`dataset_size` images) before any tensor is."""
+    found: dict[str, Restored] = {}
+    check = state_check(cfg, dataset_size, found)
     sets = {"model": model, "optimizer": optimizer, "ema": ema}
-    resume = cfg.checkpoint.resume
+    resume = cfg.checkpoint.resume if path is None else path
     if resume == "never":
         _refuse_to_overwrite(cfg, checkpointer)
         return None

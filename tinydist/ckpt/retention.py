@@ -18,6 +18,7 @@ class Retention:
                  log: Callable[[str], None]) -> None:
         self.storage, self.keep_last, self.best_metric, self.log = storage, keep_last, best_metric, log
         self._metric_of: dict[str, Optional[float]] = {}  # folder -> its metric, read once per folder
+        self.pinned: set[str] = set()  # folders being copied elsewhere (the local tier's, to the durable tier)
 
     def step_folders(self) -> list[tuple[int, str]]:
         """(step, name) of every step-* folder, committed or not, oldest first."""
@@ -39,7 +40,7 @@ class Retention:
         folders = [(step, name, self.is_committed(name)) for step, name in self.step_folders()]
         committed = [name for _, name, ok in folders if ok]
         newest = max((step for step, _, ok in folders if ok), default=-1)
-        keep = set(committed[-self.keep_last:]) | {self.best(committed)} - {None}
+        keep = set(committed[-self.keep_last:]) | {self.best(committed)} - {None} | self.pinned
         for step, name, ok in folders:
             stale = not ok and (step < newest or everything_uncommitted)
             if (ok and name not in keep) or stale:

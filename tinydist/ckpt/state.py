@@ -36,11 +36,15 @@ class TrainState:
     device: Optional[str] = None  # what it was saved from, for the resume line
     wandb_run_id: Optional[str] = None  # the tracker run a resume continues
     metrics: dict[str, Optional[float]] = field(default_factory=dict)  # validation at this step ({}: none)
+    run_id: Optional[str] = None  # the run's identity (tiers.run_identity): a local-tier checkpoint must carry ours
 
     def to_json(self) -> dict[str, Any]:
         """The fields as strict JSON (no NaN; a private copy): fails in the caller, not in a thread."""
         try:
-            return json.loads(json.dumps(dataclasses.asdict(self), allow_nan=False))
+            fields = dataclasses.asdict(self)
+            if fields["run_id"] is None:  # a run without a local tier writes state.json as it always did
+                del fields["run_id"]
+            return json.loads(json.dumps(fields, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise ValueError(f"TrainState at step {self.step} is not strict JSON ({e}); expected numbers, "
                              "strings, lists and dicts, metrics finite or None (divergence.finite_or_none)") from e
@@ -48,7 +52,7 @@ class TrainState:
     @classmethod
     def from_record(cls, where: str, record: dict[str, Any]) -> "TrainState":
         """The state recorded in a checkpoint's state.json, every field type-checked (InvalidCheckpointError,
-        one line). `device`, `wandb_run_id` and `metrics` may be absent (older checkpoints)."""
+        one line). `device`, `wandb_run_id`, `metrics` and `run_id` may be absent (older checkpoints)."""
         def bad(what: str, expected: str) -> InvalidCheckpointError:
             return InvalidCheckpointError(f"checkpoint {where}: {what}; expected {expected} "
                                           "(edited, or not written by tinydist?)")
@@ -65,7 +69,7 @@ class TrainState:
             raise bad(f"samples {record.get('samples')!r} at step {step}", "an int >= 0")
         if not (is_number(record.get("epoch")) and record["epoch"] >= 0):
             raise bad(f"epoch {record.get('epoch')!r} at step {step}", "a finite number >= 0")
-        for key in ("device", "wandb_run_id"):
+        for key in ("device", "wandb_run_id", "run_id"):
             if not isinstance(record.get(key), (str, type(None))):
                 raise bad(f"{key} {record.get(key)!r}", "a string or null")
         metrics = record.get("metrics") or {}
@@ -73,7 +77,7 @@ class TrainState:
             raise bad(f"metrics {metrics!r}", "{name: finite number or null}")
         return cls(step=step, epoch=record["epoch"], samples=record["samples"], global_batch_size=batch,
                    config=config, device=record.get("device"), wandb_run_id=record.get("wandb_run_id"),
-                   metrics=metrics)
+                   metrics=metrics, run_id=record.get("run_id"))
 
     def check(self, where: str, dataset_size: int) -> None:
         """The counters hold together: the batch is the config's, samples = step x batch, epoch =

@@ -140,6 +140,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for `checkpoint.max_shard_size`: {e}") from None
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume.strip():
         raise ConfigError("bad value for `checkpoint.resume`: expected auto, never or a checkpoint path")
+    local = cfg.checkpoint.local_dir
+    if local is not None and (not local.strip() or ("://" in local and not local.startswith("file://"))):
+        raise ConfigError(f"bad value for `checkpoint.local_dir`: {local!r}; expected a folder on this machine such "
+                          "as /dev/shm/tinydist or a local NVMe path (the durable tier, checkpoint.dir, takes URLs)")
+    if cfg.checkpoint.local_every_steps < 1:
+        raise ConfigError(f"bad value for `checkpoint.local_every_steps`: {cfg.checkpoint.local_every_steps!r}; "
+                          "expected a number of steps >= 1")
     if cfg.model.extra_fc < 0:
         raise ConfigError(f"bad value for `model.extra_fc`: {cfg.model.extra_fc}; expected 0 (none) or a width")
     try:

@@ -176,6 +176,14 @@ class CheckpointConfig:
     # One job per `dir`: a lease whose holder has not beaten for this many seconds is taken over
     # (a holder on the same machine whose process is gone: at once). 0 = no lease (not recommended).
     lease_ttl_s: float = 30.0
+    # A local tier besides `dir`: a folder on this machine (`/dev/shm/tinydist` or a local NVMe path; size
+    # it for about two checkpoints) that gets a checkpoint every `local_every_steps`, so a crash that
+    # kills the process but not the machine loses at most one step; null = off. Not an object store,
+    # not on the same storage as `dir`: it does not survive the machine, which `dir` covers.
+    local_dir: Optional[str] = None
+    # Local-tier save every this many optimizer steps (when `local_dir` is set); the durable tier then
+    # receives copies of local checkpoints, by `every_steps` / `every_minutes` as without it.
+    local_every_steps: int = 1
 
 
 @dataclass

@@ -20,9 +20,13 @@ from tinydist import config as config_lib
 from tinydist.ckpt.backoff import retry_storage
 from tinydist.ckpt.checkpointer import Checkpointer
 from tinydist.ckpt.lease import Lease
-from tinydist.ckpt.restore import restore as restore_checkpoint
+from tinydist.ckpt.layout import DamagedCheckpointError
+from tinydist.ckpt.local import LocalTier, read_run_id, run_identity
+from tinydist.ckpt.promote import Promoter
+from tinydist.ckpt.restore import restore as restore_checkpoint, state_check
 from tinydist.ckpt.state import TrainState
 from tinydist.ckpt.storage import Storage
+from tinydist.ckpt.tiers import Tiers, local_restore_point
 from tinydist.config import Config, ConfigError
 from tinydist.data.cache import ImageCache, load_train_val
 from tinydist.data.mix import mix_enabled
@@ -78,6 +82,7 @@ class Run:
     warmup_steps: int
     window: LossWindow
     step: int = 0  # optimizer steps done
+    resumed: dict[str, Any] = field(default_factory=dict)  # restore: from which tier, how many steps it redoes
     prefetch: Optional[Prefetcher] = None  # from start_loop() to close()
 
     @property
@@ -166,8 +171,9 @@ def build_run(cfg: Config, accelerator: Accelerator, train_data: ImageCache, val
                total_steps, last_step, warmup_steps, LossWindow(torch.zeros((), device=accelerator.device)))
 
 
-def open_checkpoints(run: Run, lease: Optional[Lease], peers: Peers, say: Callable[[str], None]) -> Checkpointer:
-    """The run's checkpoint dir, with what earlier jobs left half-written removed once we hold its lease."""
+def open_checkpoints(run: Run, lease: Optional[Lease], peers: Peers, say: Callable[[str], None]) -> Tiers:
+    """The run's checkpoint dir, with what earlier jobs left half-written removed once we hold its lease;
+    with `checkpoint.local_dir`, this machine's local tier and (rank 0) the copier to the durable tier."""
     cfg = run.cfg
     best_metric = None if cfg.checkpoint.best_metric == "none" else cfg.checkpoint.best_metric
     checkpointer = Checkpointer(config_lib.checkpoint_dir(cfg), keep_last=cfg.checkpoint.keep_last,
@@ -177,16 +183,48 @@ def open_checkpoints(run: Run, lease: Optional[Lease], peers: Peers, say: Callab
                                 best_metric=best_metric)
     if lease is not None:  # we alone write here now
         checkpointer.cleanup(everything_uncommitted=True)
+    local_dir, run_id = cfg.checkpoint.local_dir, None
+    if local_dir and run.rank == 0:
+        run_id = run_identity(checkpointer.storage, fresh=cfg.checkpoint.resume == "never")
     run.accelerator.wait_for_everyone()
-    return checkpointer
+    if not local_dir:
+        return Tiers(checkpointer, log=say)
+    run_id = run_id or read_run_id(checkpointer.storage)
+    main = run.accelerator.is_main_process
+    local = LocalTier(local_dir, run_id, cfg.checkpoint.local_every_steps,
+                      writer=run.accelerator.is_local_main_process, max_shard_size=cfg.checkpoint.max_shard_size,
+                      log=say, warn=say if main else lambda line: print(f"[rank {run.rank}] {line}", flush=True))
+    promoter = None
+    if run.rank == 0:
+        promoter = Promoter(local.checkpointer, checkpointer, world_size=run.world, lease=lease, log=say,
+                            max_outage_s=cfg.checkpoint.max_outage_s, retry_s=cfg.checkpoint.retry_s)
+        local.checkpointer.on_commit = promoter.committed
+    return Tiers(checkpointer, local, promoter, log=say)
 
 
-def restore(run: Run, checkpointer: Checkpointer, say: Callable[[str], None]) -> Optional[TrainState]:
-    """Resume from the newest committed checkpoint (`checkpoint.resume`): its state and config checked
-    first, then the tensor sets loaded; `run.step` becomes its step. Its TrainState, or None for a fresh run."""
-    cfg, accelerator = run.cfg, run.accelerator
-    restored = restore_checkpoint(cfg, checkpointer, model=run.bare_model, optimizer=run.optimizer.optimizer,
-                                  ema=run.ema and run.ema.module, dataset_size=len(run.train_data))
+def restore(run: Run, tiers: Tiers, peers: Peers, say: Callable[[str], None]) -> Optional[TrainState]:
+    """Resume from the newest committed checkpoint (`checkpoint.resume`; with `auto`, across both tiers):
+    its state and config checked first, then the tensor sets loaded; `run.step` becomes its step and
+    `run.resumed` says from which tier and how many finished steps it redoes. Its TrainState, or None
+    for a fresh run."""
+    cfg, accelerator, checkpointer = run.cfg, run.accelerator, tiers.durable
+    sets = dict(model=run.bare_model, optimizer=run.optimizer.optimizer, ema=run.ema and run.ema.module)
+    restored, local_path = None, None
+    if cfg.checkpoint.resume == "auto" and tiers.local is not None:
+        local_path = local_restore_point(tiers, peers, state_check(cfg, len(run.train_data)), say)
+    if local_path is not None:
+        try:
+            restored = restore_checkpoint(cfg, checkpointer, **sets, dataset_size=len(run.train_data), path=local_path)
+        except DamagedCheckpointError as e:  # found only by reading every byte: gone, so no relaunch meets it again
+            say(f"local tier: {e}; removed, resuming from the durable tier")
+            tiers.local.checkpointer.storage.remove(local_path.rpartition("/")[2], recursive=True)
+        if peers.max([int(restored is None)])[0]:  # some machine could not read its copy: all take the durable tier
+            if restored is not None and checkpointer.latest() is None:
+                raise TransientError(f"a machine could not read its local checkpoint (this one read {local_path}) "
+                                     "and the durable tier has none; a relaunch reads them again")
+            restored = local_path = None
+    if restored is None:
+        restored = restore_checkpoint(cfg, checkpointer, **sets, dataset_size=len(run.train_data))
     if restored is None:
         return None
     path, step, changes = restored.path, restored.step, restored.changes
@@ -198,11 +236,18 @@ def restore(run: Run, checkpointer: Checkpointer, say: Callable[[str], None]) ->
     if agreed != step * run.world:  # a damaged file seen by some ranks only: do not train apart
         raise TransientError(f"the processes resumed from different checkpoints (this one: {path}); "
                              "a relaunch reads them again")
+    finished = tiers.local.finished_step() if tiers.local is not None else None
+    lost = finished - step if finished is not None and finished >= step else None
+    run.resumed = {"tier": "local" if local_path else "durable", "lost_steps": lost}
     say(f"resumed from {path} at step {step} (saved by {restored.record['world_size']} process(es) on "
-        f"{restored.state.device})")
+        f"{restored.state.device})" + (f"; from the {run.resumed['tier']} tier, "
+                                       f"{'steps lost: unknown' if lost is None else f'{lost} step(s) lost'}"
+                                       if tiers.local is not None else ""))
     if changes:
         say(f"config changed since that checkpoint, in effect from step {step}: " + "; ".join(changes))
     checkpointer.last_commit = run.step = step  # every commit was checked finite
+    if tiers.local is not None:
+        tiers.local.checkpointer.last_commit = step if local_path else None
     return restored.state
 
 
@@ -224,18 +269,21 @@ def sync_buffers(run: Run) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
-def save(run: Run, checkpointer: Checkpointer, clock: SaveClock, wandb_run_id: Optional[str],
-         metrics: dict[str, float], blocking: bool) -> None:
-    """A checkpoint of step `run.step`; in the background unless `blocking` (a stop, the last step)."""
+def save(run: Run, tiers: Tiers, clock: SaveClock, wandb_run_id: Optional[str], metrics: dict[str, float],
+         blocking: bool, durable: bool = True) -> None:
+    """A checkpoint of step `run.step`, durable or (`durable` False) in the local tier only; in the
+    background unless `blocking` (a stop, the last step)."""
     sync_buffers(run)
     cfg, step = run.cfg, run.step
     started = time.perf_counter()
     sets = {"model": run.bare_model, "optimizer": run.optimizer.optimizer, "ema": run.ema and run.ema.module}
     state = TrainState(step=step, epoch=run.sampler.epoch_at(step), samples=step * cfg.train.global_batch_size,
                        global_batch_size=cfg.train.global_batch_size, config=config_lib.to_dict(cfg),
-                       device=run.device.type, wandb_run_id=wandb_run_id, metrics=finite_or_none(metrics))
-    checkpointer.save(step, sets=sets, state=state, blocking=blocking)
-    clock.saved(time.perf_counter() - started)
+                       device=run.device.type, wandb_run_id=wandb_run_id, metrics=finite_or_none(metrics),
+                       run_id=tiers.local and tiers.local.run_id)
+    tiers.save(step, sets, state, durable=durable, blocking=blocking)
+    if durable:
+        clock.saved(time.perf_counter() - started)
 
 
 def describe_validation(run: Run, metrics: dict[str, float]) -> str:

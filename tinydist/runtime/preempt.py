@@ -52,15 +52,18 @@ class StopFlag:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def agreed(self, peers: Any, fault: bool = False, due: bool = False) -> tuple[bool, bool, bool]:
-        """(any rank signalled, any rank reports `fault`, any rank says a save is `due`), the same on
-        every rank: one collective over `peers` (peers.py: a CPU group, bounded wait), so call it on
-        all ranks at the same point. Clocks differ between machines; the first to see a save due wins."""
+    def agreed(self, peers: Any, fault: bool = False, due: bool = False,
+               lost: bool = False) -> tuple[bool, bool, bool, bool]:
+        """(any rank signalled, any rank reports `fault`, any rank says a save is `due`, any rank `lost`
+        its local checkpoint tier), the same on every rank: one collective over `peers` (peers.py: a
+        CPU group, bounded wait), so call it on all ranks at the same point. Clocks differ between
+        machines; the first to see a save due wins."""
         self._announced()
-        signalled, faulted, due_any = (bool(v) for v in peers.max([int(self.requested), int(fault), int(due)]))
+        values = peers.max([int(self.requested), int(fault), int(due), int(lost)])
+        signalled, faulted, due_any, lost_any = (bool(v) for v in values)
         if signalled and self.signal_name is None:
             self.signal_name = "peer"
-        return signalled, faulted, due_any
+        return signalled, faulted, due_any, lost_any
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
