@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from helpers.faultinject import free_port, kill_tree
-from helpers.train import PYTHON, REPO, describe, finish, load_model_dir, run_train, start, tiny_args, train_env
+from helpers import machines as two_machines
+from helpers.machines import finish_all
+from helpers.train import PYTHON, REPO, describe, load_model_dir, run_train, start, tiny_args, train_env
 
 pytestmark = pytest.mark.slow  # two machines on localhost: launchers and training processes
 
@@ -22,23 +24,7 @@ STEPS = {"train__max_steps": 24, "checkpoint__every_steps": 2}
 
 
 def machine(rank: int, port: int, tmp_path: Path, cache_root: str) -> subprocess.Popen:
-    env = train_env({"NUM_GPUS": "1", "NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PROCESS_IP": "127.0.0.1",
-                     "MAIN_PROCESS_PORT": str(port), "ACCELERATE_ARGS": "--mixed_precision no",
-                     "PYTHON": PYTHON})
-    args = tiny_args(f"{cache_root}/machine{rank}", str(tmp_path / "out"), **STEPS,
-                     checkpoint__dir=str(tmp_path / "shared-ck"))
-    return start([REPO / "launch" / "one_node.sh", *args], env)
-
-
-def finish_all(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
-    """helpers.train.finish for each machine within one deadline; past it, every machine's tree is killed."""
-    deadline = time.monotonic() + timeout
-    try:
-        return [finish(proc, max(1.0, deadline - time.monotonic())) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
+    return two_machines.machine(rank, port, tmp_path, cache_root, **STEPS, checkpoint__dir=str(tmp_path / "shared-ck"))
 
 
 def assert_close_to(model_dir: Path, reference: dict[str, torch.Tensor]) -> None:
