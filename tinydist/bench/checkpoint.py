@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Optional
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from tinydist import config as config_lib
 from tinydist.bench.common import create_momentum, free_device_memory, interleaved, say, sync, timed, verdict
 from tinydist.ckpt.checkpointer import Checkpointer
+from tinydist.ckpt.local import LocalTier
 from tinydist.model.build import build_model
 from tinydist.model.optim import build_optimizer
 
@@ -43,6 +46,7 @@ class SaveCost:
         self.checkpointer = Checkpointer(os.path.join(folder, "checkpoints"), keep_last=2,
                                          max_shard_size=max_shard_size, log=lambda _: None)
         self.baseline_path, self.names = os.path.join(folder, "baseline.pt"), iter(range(1, 10**6))
+        self.barrier = self.checkpointer.snapshot_barrier  # what holds the update (the local tier's, below)
         self.images = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=memory_format)
         self.labels = torch.randint(0, num_classes, (batch,), device=device)
         self.returns: list[float] = []
@@ -51,7 +55,7 @@ class SaveCost:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(self.images)
         F.cross_entropy(logits.float(), self.labels).backward()
-        self.checkpointer.snapshot_barrier()  # where the loop calls it: a save still copying holds the update
+        self.barrier()  # where the loop calls it: a save still copying holds the update
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -123,6 +127,51 @@ def bench_checkpoint(tmp: str, quick: bool, device: torch.device) -> None:
           f"compute thread(s)) with one save minus the same steps without, the save's writes and fsync included; "
           f"resnet18 cifar stem, 200 classes, model + SGD momentum = {cost.nbytes / 1e6:.1f} MB on {device.type}; "
           f"median of {rounds}]")
+    bench_local_every_step(tmp, quick, device)
+
+
+def bench_local_every_step(tmp: str, quick: bool, device: torch.device) -> None:
+    """The local tier's promise priced: the loop with a local-tier save after every step (the previous one
+    committed before each update, as train does) vs the same steps with no save at all."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else tmp
+    cost = SaveCost(os.path.join(tmp, "every-step"), device, *((8, 16) if quick else (32, 32)), num_classes=200,
+                    max_shard_size="10MB")
+    local = LocalTier(tempfile.mkdtemp(prefix="tinydist-bench-local-", dir=shm), "bench", 1, writer=True,
+                      max_shard_size="10MB", log=lambda _: None)
+    cost.barrier = local.snapshot_barrier
+    steps, repeats = (3, 1) if quick else (10, 3)
+    names = iter(range(1, 10**6))
+
+    def loop(saving: bool) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            cost.step()
+            if saving:
+                local.save(next(names), {"model": cost.model, "optimizer": cost.optimizer}, {"bench": True})
+        local.snapshot_barrier()  # the last save committed before the clock stops: nothing left unpaid
+        sync(device)
+        return time.perf_counter() - t0
+
+    compute_threads = max(1, (os.cpu_count() or 1) - 1) if device.type == "cpu" else torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(compute_threads)
+    try:
+        loop(True), loop(False)  # warm-up: host buffers, page cache, the tier's folder
+        with_saves, without = interleaved([lambda: loop(True), lambda: loop(False)], repeats, budget_s=240.0)
+    finally:
+        torch.set_num_threads(previous_threads)
+        local.close()
+        shutil.rmtree(local.root, ignore_errors=True)
+        cost.close()
+    saved, bare = statistics.median(with_saves), statistics.median(without)
+    if local.failed:
+        raise RuntimeError(f"bench checkpoint: the local tier in {local.root} failed: {local.failed}")
+    overhead = verdict(quick, "overhead", f"+{100 * (saved / bare - 1):.1f}%", "<= 5%")
+    print(f"checkpoint every step: {steps} steps with a local-tier save after each {saved:.2f} s vs no saves "
+          f"{bare:.2f} s {overhead} [local tier in {shm}: each save committed (written, sha256, marker) before the "
+          f"next update, {bare / steps:.3f} s per step, {compute_threads} compute thread(s); model + SGD momentum "
+          f"= {cost.nbytes / 1e6:.1f} MB per save on {device.type}; median of {len(with_saves)}]")
 
 
 def bench_checkpoint_stall(tmp: str, device: torch.device, micro_batch: int, side: int, num_classes: int,
