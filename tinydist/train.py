@@ -117,6 +117,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         write_config(cfg, accelerator.is_main_process, say)
         if resumed:
             runlog.event("resumed", run.step, world_size=world, device=device.type, **run.resumed)
+            if run.resumed.get("lost_steps") is not None:  # known with a local tier: the dashboards show it too
+                runlog.log({"resume/lost_steps": run.resumed["lost_steps"]}, run.step)
 
         # The loop: steps, then what the triggers ask for; the stop flag and the divergence guard.
         triggers = Triggers(cfg, run.sampler.epoch_at, run.last_step)

@@ -80,7 +80,10 @@ class Stop:
             return f"step {r.get('step', '?')} (epoch {r.get('epoch', 0.0):.4g})"
 
         def back(r: dict[str, Any]) -> str:
-            return f"resumed on {r.get('world_size', '?')} proc. ({r.get('device', '?')})"
+            lost = r.get("lost_steps")
+            tier = f" from the {r['tier']} tier" if r.get("tier") else ""
+            return (f"resumed on {r.get('world_size', '?')} proc. ({r.get('device', '?')}){tier}"
+                    + (f", {lost} step(s) redone" if isinstance(lost, int) else ""))
 
         p, r = self.preempted, self.resumed
         if p is None:

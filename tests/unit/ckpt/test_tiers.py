@@ -25,6 +25,7 @@ from tinydist.ckpt.state import TrainState
 from tinydist.ckpt.storage import Storage
 from tinydist.ckpt.tiers import Tiers, local_restore_point
 from tinydist.config import Config, ConfigError, load_config, to_dict
+from tinydist.runtime.divergence import DivergedError
 from tinydist.runtime.peers import Peers
 
 DATASET = 640  # images: 10 steps of 64 per epoch
@@ -197,3 +198,23 @@ def test_a_fresh_run_gets_a_new_identity_and_a_resumed_one_keeps_it(tmp_path):
     assert run_identity(storage, fresh=False) == first == read_run_id(storage)
     second = run_identity(storage, fresh=True)  # checkpoint.resume=never: a new run in the same dir
     assert second != first and read_run_id(storage) == second
+
+
+def test_a_non_finite_weight_in_a_local_save_stops_the_run_and_is_never_committed(tmp_path, shm):
+    cfg, lines = config(tmp_path), []
+    model, optimizer = model_and_optimizer()
+    durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append)
+    local = local_tier(shm, "r", lines)
+    tiers = Tiers(durable, local)
+    sets = {"model": model, "optimizer": optimizer}
+    tiers.save(1, sets, state(cfg, 1, "r"), durable=False, blocking=False)
+    tiers.snapshot_barrier()  # the loop's, before the update that changes the weights
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    tiers.save(2, sets, state(cfg, 2, "r"), durable=False, blocking=False)
+    tiers.snapshot_barrier()  # where the loop waits for it, before the next update
+    assert isinstance(tiers.fault, DivergedError) and "step 2" in str(tiers.fault) and "0.weight" in str(tiers.fault)
+    assert local.failed is None  # not a storage fault: the loop stops the run with exit 2 (divergence.py)
+    assert sorted(p.name for p in Path(local.folder).glob("step-*")) == ["step-00000001"]
+    assert tiers.last_commit == 1
+    tiers.close()

@@ -447,3 +447,12 @@ def test_a_torn_line_is_left_out_not_a_crash(tmp_path: Path) -> None:
     assert report.read_metrics(str(run)) == good
     assert report.main([str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_resume_after_a_crash_says_its_tier_and_the_steps_it_redid() -> None:
+    records = smoke_like((("resumed", 120, {"world_size": 1, "device": "cpu", "tier": "local", "lost_steps": 1}),
+                          ("resumed", 160, {"world_size": 2, "device": "cpu", "tier": "durable", "lost_steps": None})))
+    first, second = report.stops(records)
+    assert first.describe() == ("step 120 (epoch 5.106): resumed on 1 proc. (cpu) from the local tier, 1 step(s) "
+                                "redone, no preemption logged before it (after a hard kill, or a rerun)")
+    assert "from the durable tier, no preemption" in second.describe()
