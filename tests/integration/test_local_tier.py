@@ -138,3 +138,16 @@ def test_two_machines_resume_from_the_local_step_both_have(tmp_path, shm):
     path, step, tier, _ = resumed(results[0].stdout)
     assert (path, step, tier) == (str(run0 / steps0[0]), both, "local"), describe(results[0])
     assert (tmp_path / "out" / "model").is_dir()
+
+
+def test_two_processes_on_one_machine_share_one_local_tier(tmp_path, cache_dir, shm):
+    """One writer per machine (its first process); the other rank saves nothing locally but takes part in
+    every save's collectives, and reads the same local tier on restore."""
+    args = tiny_args(cache_dir, str(tmp_path / "out"), train__max_steps=10, checkpoint__local_dir=str(shm))
+    finished, _ = kill_at(start(train_command(args, nprocs=2)), shm, 4)
+    result = run_train(args, nprocs=2)
+    assert result.returncode == 0, describe(result)
+    assert "tinydist: 2 process(es)" in result.stdout, describe(result)
+    path, step, tier, lost = resumed(result.stdout)
+    assert tier == "local" and finished - 1 <= step <= finished and lost == finished - step, (finished, path)
+    assert (tmp_path / "out" / "model").is_dir()

@@ -87,10 +87,15 @@ class LocalTier:
             self.log(f"local tier: {line}")
         # While saving, problems are read from the save's outcome (`_settle`), said once.
 
-    # ---- saving ------------------------------------------------------------------------------------------
-    def due(self, step: int) -> bool:
-        return self.writer and self.failed is None and step % self.every_steps == 0
+    def clean_start(self) -> None:
+        """Remove what a job killed mid-save left here (one job per run: the lease makes it ours alone)."""
+        if self.writer:
+            try:
+                self.checkpointer.cleanup(everything_uncommitted=True)
+            except (StorageError, StorageRefusedError, OSError) as e:
+                self._switch_off(e)
 
+    # ---- saving ------------------------------------------------------------------------------------------
     def save(self, step: int, sets: Sets, state: TrainState) -> bool:
         """Start a save of `step` in the background (the previous one has committed: `snapshot_barrier`);
         False if the tier is off (or just failed)."""

@@ -68,7 +68,9 @@ class Tiers:
         return True
 
     def local_due(self, step: int) -> bool:
-        return self.local is not None and self.local.due(step)
+        """The same answer on every rank (a save syncs BN buffers, a collective); ranks that do not write
+        the local tier, or whose tier is off, return at once from the save."""
+        return self.local_active and step % self.local.every_steps == 0
 
     def save(self, step: int, sets: Sets, state: TrainState, *, durable: bool, blocking: bool) -> None:
         """Checkpoint `step`: in the local tier (`durable` False), or a durable one — copied from a local

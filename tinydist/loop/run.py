@@ -194,6 +194,7 @@ def open_checkpoints(run: Run, lease: Optional[Lease], peers: Peers, say: Callab
     local = LocalTier(local_dir, run_id, cfg.checkpoint.local_every_steps,
                       writer=run.accelerator.is_local_main_process, max_shard_size=cfg.checkpoint.max_shard_size,
                       log=say, warn=say if main else lambda line: print(f"[rank {run.rank}] {line}", flush=True))
+    local.clean_start()
     promoter = None
     if run.rank == 0:
         promoter = Promoter(local.checkpointer, checkpointer, world_size=run.world, lease=lease, log=say,

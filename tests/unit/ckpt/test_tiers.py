@@ -175,7 +175,7 @@ def test_a_local_tier_that_cannot_be_written_is_switched_off_with_one_warning(tm
     warnings = [line for line in lines if line.startswith("warning")]
     assert len(warnings) == 1 and "switched off" in warnings[0] and "durable tier" in warnings[0], lines
     assert saves[0].failed and saves[0].fault is None
-    assert not saves[0].due(4) and not saves[0].save(4, sets, state(cfg, 4, "r"))
+    assert not saves[0].save(4, sets, state(cfg, 4, "r"))
 
 
 def test_a_local_dir_on_the_durable_storage_or_an_object_store_is_refused(tmp_path):
