@@ -33,6 +33,10 @@ def test_nonfinite_tensors_names_only_float_tensors_with_nan_or_inf():
     tensors = {"ok": torch.ones(3), "nan": torch.tensor([1.0, math.nan]), "inf": torch.tensor([-math.inf]),
                "steps": torch.tensor([3], dtype=torch.int64)}
     assert nonfinite_tensors(tensors) == ["nan", "inf"]
+    # Finite values whose sum overflows are finite; +inf and -inf together (a NaN sum) are not.
+    big = {"sum overflows": torch.full((4,), 3e38), "half": torch.full((70000,), 60000.0, dtype=torch.float16),
+           "both infinities": torch.tensor([math.inf, -math.inf]), "bf16 nan": torch.tensor([math.nan], dtype=torch.bfloat16)}
+    assert nonfinite_tensors(big) == ["both infinities", "bf16 nan"]
 
 
 def test_metrics_become_strict_json():

@@ -78,7 +78,7 @@ class Checkpointer:
                  max_outage_s: float = 1800.0, retry_s: float = 2.0, max_retry_s: float = 60.0,
                  lease: Optional[Lease] = None, peers: Optional[Peers] = None,
                  best_metric: Optional[str] = None, commit_log: Optional[Callable[[str], None]] = None,
-                 on_commit: Optional[Callable[[int], None]] = None) -> None:
+                 on_commit: Optional[Callable[[int], None]] = None, share_cpu_tensors: bool = False) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}; expected at least 1")
         if not 0 <= rank < world_size:
@@ -99,7 +99,7 @@ class Checkpointer:
         self.last_error: Optional[BaseException] = None  # the last save's failure, if it failed
         self._outage = Outage()  # shared by the saves: a superseding save inherits the outage's clock
         self._inflight: Optional[_InFlight] = None
-        self._snapshot = HostSnapshot()
+        self._snapshot = HostSnapshot(share_cpu_later=share_cpu_tensors)  # see snapshot.py (the local tier)
 
     @property
     def _host_buffers(self) -> dict[str, torch.Tensor]:

@@ -76,7 +76,8 @@ class LocalTier:
         self.log = log
         self.warn = warn or log  # every machine's writer says its own switch-off, not only the main process
         self.checkpointer = Checkpointer(self.folder, keep_last=KEEP, max_shard_size=max_shard_size, log=self._heard,
-                                         max_outage_s=0.0, retry_s=0.0, commit_log=_quiet, on_commit=on_commit)
+                                         max_outage_s=0.0, retry_s=0.0, commit_log=_quiet, on_commit=on_commit,
+                                         share_cpu_tensors=True)
         self.failed: Optional[str] = None  # why it was switched off (this machine)
         self.fault: Optional[DivergedError] = None  # what stops the run: a non-finite tensor found in a save
         self.saves, self.waited_s = 0, 0.0

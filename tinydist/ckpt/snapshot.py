@@ -42,9 +42,12 @@ class Pending:
 
 
 class HostSnapshot:
-    def __init__(self) -> None:
+    def __init__(self, share_cpu_later: bool = False) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
         self._side_stream: Optional[Any] = None
+        # The local tier's: its barrier waits for the whole commit before the next optimizer step, so on
+        # the CPU the parameters and optimizer state cannot change while they are written: no copy of them.
+        self.share_cpu_later = share_cpu_later
 
     def drop(self) -> None:
         """Fresh buffers for the next save: a superseded one stuck in a network call keeps the old ones."""
@@ -99,6 +102,11 @@ class HostSnapshot:
             return pending
 
         now_host = copy_all("now")
+        if self.share_cpu_later:
+            later = {name: {k: t.detach() for k, t in c.later.items()} for name, c in captures.items()}
+            pending.copied.set()
+            pending._finish = lambda: assemble(now_host, later)
+            return pending
         if blocking:  # nothing runs meanwhile: copy everything here
             later_host = copy_all("later")
             pending.copied.set()
