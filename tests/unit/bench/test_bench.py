@@ -22,6 +22,10 @@ QUICK_LINES = {
     "checkpoint": rf"checkpoint: extra loop time per save {NUMBER} s vs torch.save {NUMBER} s -> ratio {re.escape(QUICK)} \[",
     "resume": (rf"resume: spawn to exit at 99% of an epoch \(step \d+, epoch {NUMBER}\) {NUMBER} s vs at an epoch start "
                rf"\(step \d+, epoch {NUMBER}\) {NUMBER} s -> ratio {re.escape(QUICK)} \["),
+    "checkpoint every step": (rf"checkpoint every step: \d+ steps with a local-tier save after each {NUMBER} s vs no "
+                              rf"saves {NUMBER} s -> overhead {re.escape(QUICK)} \["),
+    "resume after a crash": (rf"resume after a crash: spawn to the first step done, from the local tier {NUMBER} s vs "
+                             rf"from the durable tier {NUMBER} s -> ratio {re.escape(QUICK)} \["),
 }
 
 
