@@ -130,6 +130,9 @@ def worker_loop(config: dict[str, Any]) -> tuple[int, str]:
     def note(code: int, message: str) -> None:
         said["message"] = message
 
+    if os.environ.get("RANK", "0") == "0":
+        print(f"tinydist.ray: {os.environ.get('WORLD_SIZE')} worker(s), process group at "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
     stop = StopFlag(log=lambda line: print(line, flush=True), signals=False)  # Ray runs us in a thread
     end_watch = _watch_channel(config.get("stop"), stop)
     code = cli.run(lambda: train(config["cfg"], stop), on_exit=note)
@@ -180,15 +183,23 @@ def preflight(cfg: Config, say: Callable[[str], None]) -> None:
 
 
 def _import_ray(local: bool) -> Any:
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.train") is None:
+    # find_spec of the top level only: that of "ray.train" would import ray before the variables below are set.
+    if importlib.util.find_spec("ray") is None:
         raise PermanentError("Ray is not installed: pip install -e '.[ray]'")
     if local:
         # Read by ray at import, and inherited by the raylet and workers: with it the node's address,
         # MASTER_ADDR included, is 127.0.0.1, so a local run never listens beyond loopback.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # return values and elastic num_workers are v2's
+    # Ray Train's print patch prints every line twice here and ignores print's file=: a library's
+    # dis.dis(file=buffer) (datasets' fingerprints) would land on the console.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
+    try:
+        import ray.train.torch  # noqa: F401 - ray without its [train] extra lacks what this needs
+    except ImportError as e:
+        raise PermanentError(f"Ray Train cannot be imported ({one_line(e)}): pip install -e '.[ray]'") from None
     return ray
 
 
