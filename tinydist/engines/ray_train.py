@@ -93,11 +93,11 @@ class StopChannel:
 def _watch_channel(channel: Any, stop: StopFlag, poll_s: float = 1.0) -> Callable[[], bool]:
     """Poll the driver's stop channel from a daemon thread; the returned call ends the watch and says
     whether the driver asked for the stop."""
-    import ray
-
     asked, done = threading.Event(), threading.Event()
 
     def watch() -> None:
+        import ray
+
         while not done.wait(poll_s):
             try:
                 reason = ray.get(channel.read.remote(), timeout=30)
