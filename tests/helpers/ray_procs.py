@@ -67,6 +67,12 @@ def marked_processes(mark: str, name: str = "") -> list[int]:
     return found
 
 
+def left_running(mark: str, grace_s: float = 15.0) -> list[str]:
+    """The command lines of `mark`ed processes still running after `grace_s` (ray.shutdown() returns
+    while the processes it signalled are still exiting)."""
+    return [f"{pid}: {_cmdline(pid)[:120]}" for pid in wait_gone(marked_processes(mark), grace_s)]
+
+
 def stop_marked(mark: str, timeout: float = 10.0) -> list[str]:
     """SIGKILL every process carrying `mark`; the command lines of those that were still running."""
     pids = marked_processes(mark)

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from helpers.ray_procs import marked_processes, new_mark, ray_available, ray_command, ray_env, stop_marked
+from helpers.ray_procs import left_running, marked_processes, new_mark, ray_available, ray_command, ray_env, stop_marked
 from helpers.train import (committed_checkpoints, describe, error_lines, finish, load_model_dir, read_metrics,
                            run_train, start, tiny_args, train_env, wait_for)
 
@@ -38,7 +38,8 @@ def mark() -> Iterator[str]:
     """A marker for this test's Ray processes; whatever is left of them at the end is killed."""
     tag = new_mark()
     yield tag
-    left = stop_marked(tag)
+    left = left_running(tag)
+    stop_marked(tag)
     assert not left, f"Ray processes outlived the driver (killed now): {left}"
 
 
@@ -62,7 +63,7 @@ def ray_run(cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     try:
         proc = start(ray_command(args(cache_dir, out), 2), env=ray_env(tag))
         result = finish(proc, TIMEOUT_S)
-        left = marked_processes(tag)
+        left = left_running(tag)
     finally:
         stop_marked(tag)
     assert not left, f"the driver left Ray processes running: {left}"
