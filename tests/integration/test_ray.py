@@ -48,6 +48,11 @@ def args(cache_dir: str, out: Path) -> list[str]:
                      train__global_batch_size=16, train__micro_batch_size=8, train__seed=11)
 
 
+def groups_started(result: subprocess.CompletedProcess) -> int:
+    """How many worker groups Ray Train's controller started (its log line, forwarded to the driver)."""
+    return (result.stdout + result.stderr).count("Started training worker group of size")
+
+
 def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], label: str) -> None:
     assert sorted(got) == sorted(want), label
     assert any(k.endswith("running_var") for k in want)
@@ -110,7 +115,37 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_ends_as_if_not(ray_run, ca
     assert result.returncode == 0, describe(result)
     output = result.stdout + result.stderr
     assert "resumed from" in output, f"no resume after the kill: it landed after the run ended?\n{describe(result)}"
+    assert groups_started(result) == 2, describe(result)  # the one restart, by Ray's FailureConfig
     assert_bitwise_equal(load_model_dir(str(out / "model")), load_model_dir(str(reference / "model")),
                          "killed and restarted vs never killed")
     # Cut back to the resumed commit, then continued: one curve, each step once.
     assert [m["step"] for m in read_metrics(str(out)) if "train/loss" in m] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_saves_exits_75_and_a_relaunch_finishes(ray_run, cache_dir: str, tmp_path: Path,
+                                                                        mark: str):
+    """Kubernetes stops the driver's pod (SIGTERM to the driver): every worker saves at the next step
+    boundary, Ray does not restart them, the driver exits 75; the same command then finishes the run,
+    bit for bit the run that never stopped."""
+    reference, ref_result = ray_run
+    assert ref_result.returncode == 0, describe(ref_result)
+    out = tmp_path / "stopped"
+    proc = start(ray_command(args(cache_dir, out), 2), env=ray_env(mark))
+    try:
+        wait_for(lambda: committed_checkpoints(str(out)) or proc.poll() is not None, TIMEOUT_S, "the first commit")
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        result = finish(proc, TIMEOUT_S)
+    assert result.returncode == 75, describe(result)
+    assert "SIGTERM received" in result.stdout, describe(result)
+    assert groups_started(result) == 1, f"Ray restarted the workers after a stop the driver asked for\n{describe(result)}"
+    assert result.stderr.splitlines()[-1] == "tinydist.ray: training exited with 75", describe(result)
+    stopped_at = int(Path(committed_checkpoints(str(out))[-1]).name[5:])
+    assert EVERY <= stopped_at < STEPS, describe(result)
+
+    again = finish(start(ray_command(args(cache_dir, out), 2), env=ray_env(mark)), TIMEOUT_S)
+    assert again.returncode == 0 and f"at step {stopped_at}" in again.stdout, describe(again)
+    assert_bitwise_equal(load_model_dir(str(out / "model")), load_model_dir(str(reference / "model")),
+                         "stopped by SIGTERM and relaunched vs never stopped")
