@@ -4,12 +4,13 @@ instance on 127.0.0.1 (CPU processes, a gloo group), and the exit-code contract 
 - the same weights, bit for bit, as `accelerate launch --multi_gpu --num_processes 2` on the same config;
 - a Ray Train worker SIGKILLed after the first commit: Ray restarts the group, which resumes from that
   commit and ends with the weights of the run that was never killed;
-- bad input (config, data, checkpoint dir) exits 2 in one line before Ray starts (fast, in-process).
+- SIGTERM to the driver: the workers save, Ray does not restart them, exit 75; the relaunch finishes;
+- bad input (config, data, checkpoint dir) exits 2 in one line before Ray starts: tests/unit/engines/.
 
 Every Ray process a test starts carries a marker in its environment (helpers.ray_procs); each test
-checks that the driver stopped them all, and kills any that are left, whatever happened. Runtime on
-an idle 2-core machine: about 2.5 minutes for the three slow runs (each Ray run pays ~15 s to start
-its instance and worker group), well under a second for the rest.
+checks that the driver stopped them all, and kills any that are left, whatever happened. Runtime: about
+4 minutes on a shared 2-core machine (5 Ray runs, each paying ~15 s to start its instance and worker group,
+and one accelerate run); the unit tests of the same mapping (tests/unit/engines/) take a second.
 """
 
 from __future__ import annotations
