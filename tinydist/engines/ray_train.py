@@ -38,8 +38,8 @@ from tinydist.ckpt.lease import claim_storage
 from tinydist.config import Config, ConfigError, help_text, load_config
 from tinydist.data.sources import open_source
 from tinydist.runtime import cli
-from tinydist.runtime.exitcodes import (EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT, HelpRequested,
-                                        PermanentError, one_line)
+from tinydist.runtime.exitcodes import (EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_TRANSIENT,
+                                        HelpRequested, PermanentError, TransientError, one_line)
 from tinydist.runtime.launch import group_exit_code
 from tinydist.runtime.peers import Peers
 from tinydist.runtime.preempt import StopFlag, stop_signals
@@ -266,7 +266,11 @@ def run_ray(argv: Sequence[str]) -> int:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, args.num_workers), log_to_driver=True)
     else:
-        ray.init(address=args.address, log_to_driver=True)
+        try:
+            ray.init(address=args.address, log_to_driver=True)
+        except ConnectionError as e:  # the cluster may come back (a head pod restarting): relaunch later
+            raise TransientError(f"cannot reach the Ray cluster at --address {args.address} ({one_line(e)[:200]}); "
+                                 "expected `auto` on a node of a running cluster, or ray://HEAD:10001") from None
     bookkeeping = tempfile.mkdtemp(prefix="tinydist-ray-")
     try:
         channel = ray.remote(num_cpus=0)(StopChannel).remote()
@@ -285,7 +289,8 @@ def run_ray(argv: Sequence[str]) -> int:
             channel.request.remote(f"{name} to the Ray driver")
 
         try:
-            code, message = _run_in_thread(trainer.fit, on_signal).return_value
+            returned = _run_in_thread(trainer.fit, on_signal).return_value
+            code, message = returned if isinstance(returned, tuple) else (EXIT_CRASH, f"error: rank 0 returned {returned!r}")
         except TrainingFailedError as e:
             code, message = failure_code(e)
     finally:
