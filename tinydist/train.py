@@ -21,7 +21,9 @@ import sys
 from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The repository root in place of this file's folder: there, tinydist/ray.py and evaluate.py would be
+    # found as the top-level `ray` and `evaluate` by any library that looks for those.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-# train.py (the entry, with the step every caller runs) sits between the loop and the benchmarks that time it.
-LAYERS = ["runtime", "config", "data", "ckpt", "model", "export", "loop", "train", "bench"]
+# train.py (the entry, with the step every caller runs) sits between the loop and what runs it: other engines
+# (Ray Train) and the benchmarks that time it.
+LAYERS = ["runtime", "config", "data", "ckpt", "model", "export", "loop", "train", "engines", "bench"]
 PACKAGE = Path(__file__).resolve().parents[2] / "tinydist"
 
 
@@ -38,5 +39,6 @@ def test_every_package_is_a_layer_and_imports_only_the_layers_before_it():
 def test_the_entry_modules_are_thin():
     """The top level holds train.py and `python -m` entries that only hand over to their layer."""
     entries = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
-    assert set(entries) == {"__init__.py", "train.py", "evaluate.py", "predict.py", "report.py", "launch.py"}
+    assert set(entries) == {"__init__.py", "train.py", "evaluate.py", "predict.py", "report.py", "launch.py",
+                            "ray.py"}
     assert all(lines <= 12 for name, lines in entries.items() if name not in ("train.py", "__init__.py")), entries

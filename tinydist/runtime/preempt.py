@@ -26,11 +26,13 @@ def stop_signals() -> tuple[signal.Signals, ...]:
 
 
 class StopFlag:
-    def __init__(self, log: Any = print):
+    def __init__(self, log: Any = print, signals: bool = True):
+        """`signals=False`: a flag only `request` sets, for a run in a thread that is not the main one
+        (a Ray Train worker's training thread), where Python refuses to install signal handlers."""
         self.signal_name: Optional[str] = None
         self.log = log
         self._announce = False
-        self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
+        self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()} if signals else {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.request(signal.Signals(signum).name)
