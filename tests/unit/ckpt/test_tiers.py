@@ -22,10 +22,11 @@ from tinydist.ckpt.promote import Promoter
 from tinydist.ckpt.record import check_committed, folder_step
 from tinydist.ckpt.restore import state_check
 from tinydist.ckpt.state import TrainState
-from tinydist.ckpt.storage import Storage
+from tinydist.ckpt.storage import Storage, StorageError
 from tinydist.ckpt.tiers import Tiers, local_restore_point
 from tinydist.config import Config, ConfigError, load_config, to_dict
 from tinydist.runtime.divergence import DivergedError
+from tinydist.runtime.exitcodes import TransientError
 from tinydist.runtime.peers import Peers
 
 DATASET = 640  # images: 10 steps of 64 per epoch
@@ -217,4 +218,64 @@ def test_a_non_finite_weight_in_a_local_save_stops_the_run_and_is_never_committe
     assert local.failed is None  # not a storage fault: the loop stops the run with exit 2 (divergence.py)
     assert sorted(p.name for p in Path(local.folder).glob("step-*")) == ["step-00000001"]
     assert tiers.last_commit == 1
+    tiers.close()
+
+
+def test_a_durable_tier_that_fails_never_holds_the_local_tier_and_its_copy_lands_when_it_is_back(tmp_path, shm,
+                                                                                                 monkeypatch):
+    cfg, lines = config(tmp_path), []
+    model, optimizer = model_and_optimizer()
+    durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append)
+    run_id = run_identity(durable.storage, fresh=True)
+    local = local_tier(shm, run_id, lines)
+    promoter = Promoter(local.checkpointer, durable, world_size=1, lease=None, log=lines.append,
+                        max_outage_s=60.0, retry_s=0.05)
+    local.checkpointer.on_commit = promoter.committed
+    tiers = Tiers(durable, local, promoter, log=lines.append)
+    write, failures = durable.storage.write, []
+
+    def bucket_down(name: str, data: object) -> None:
+        if len(failures) < 3:  # the first three writes fail, as a bucket that is away for a while
+            failures.append(name)
+            raise StorageError(f"writing {name}: connection refused")
+        write(name, data)
+
+    monkeypatch.setattr(durable.storage, "write", bucket_down)
+    sets = {"model": model, "optimizer": optimizer}
+    tiers.save(1, sets, state(cfg, 1, run_id), durable=True, blocking=False)
+    for step in range(2, 6):  # the local tier goes on, every step, while the copy retries
+        tiers.snapshot_barrier()
+        tiers.save(step, sets, state(cfg, step, run_id), durable=False, blocking=False)
+    tiers.snapshot_barrier()
+    assert promoter.wait(30.0)
+    # Step 1 stayed pinned against the local tier's retention while it was being copied; the next commit drops it.
+    assert sorted(p.name for p in Path(local.folder).glob("step-*")) == [f"step-0000000{s}" for s in (1, 4, 5)]
+    tiers.save(6, sets, state(cfg, 6, run_id), durable=False, blocking=False)
+    tiers.snapshot_barrier()
+    assert sorted(p.name for p in Path(local.folder).glob("step-*")) == ["step-00000005", "step-00000006"]
+    assert len(failures) == 3 and [folder_step(p) for p in durable.committed()] == [1], lines
+    assert sum("copy from the local tier failed" in line and "retrying" in line for line in lines) == 3, lines
+    assert tiers.fault is None
+    tiers.close()
+
+
+def test_a_durable_tier_down_past_max_outage_stops_the_run_with_a_transient_fault(tmp_path, shm, monkeypatch):
+    cfg, lines = config(tmp_path), []
+    model, optimizer = model_and_optimizer()
+    durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append)
+    local = local_tier(shm, "r", lines)
+    promoter = Promoter(local.checkpointer, durable, world_size=1, lease=None, log=lines.append,
+                        max_outage_s=0.3, retry_s=0.05)
+    local.checkpointer.on_commit = promoter.committed
+    tiers = Tiers(durable, local, promoter, log=lines.append)
+
+    def bucket_gone(name: str, data: object) -> None:
+        raise StorageError(f"writing {name}: connection refused")
+
+    monkeypatch.setattr(durable.storage, "write", bucket_gone)
+    tiers.save(1, {"model": model, "optimizer": optimizer}, state(cfg, 1, "r"), durable=True, blocking=False)
+    tiers.snapshot_barrier()
+    assert promoter.wait(30.0)
+    assert isinstance(tiers.fault, TransientError) and "max_outage_s=0.3" in str(tiers.fault), lines
+    assert not durable.committed() and local.failed is None
     tiers.close()
