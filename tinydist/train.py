@@ -252,23 +252,26 @@ def _silent(_: str) -> None:
 
 
 def validate(run: Run, runlog: Optional[RunLog] = None, say: Callable[[str], None] = _silent) -> dict[str, float]:
-    """Validation metrics of the raw weights (and of their average), each with BN statistics for its own
-    weights: the model's synchronised ones, then PreciseBN's (`eval.precise_bn_images`). Logged to `runlog`
-    and said when given."""
+    """Validation metrics of the raw weights and/or their average (`eval.weights`), each with BN statistics
+    for its own weights: the model's synchronised ones, then PreciseBN's (`eval.precise_bn_images`). One
+    pass over the validation images scores them all: each batch is gathered and transformed once.
+    Logged to `runlog` and said when given."""
     sync_buffers(run)
     cfg, accelerator = run.cfg, run.accelerator
     reduce_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
-    metrics: dict[str, float] = {}
-    for prefix, module in (("val", run.bare_model), ("val_ema", run.ema and run.ema.module)):
-        if module is None:
-            continue
-        if run.ema is not None and module is not run.bare_model:
-            run.ema.take_buffers(run.bare_model)
+    scored: dict[str, torch.nn.Module] = {}
+    if cfg.eval.weights != "ema" or run.ema is None:
+        scored["val"] = run.bare_model
+    if run.ema is not None and cfg.eval.weights != "raw":
+        run.ema.take_buffers(run.bare_model)
+        scored["val_ema"] = run.ema.module
+    for module in scored.values():
         if cfg.eval.precise_bn_images:
             recompute_bn_statistics(module, run.train_data, cfg.eval.precise_bn_images, cfg.train.seed, run.device,
                                     run.world, run.rank, reduce_sum, cfg.model.channels_last, accelerator.autocast)
-        metrics.update(evaluate(module, run.val_data, cfg.train.eval_batch_size, run.device, run.world, run.rank,
-                                reduce_sum, cfg.model.channels_last, accelerator.autocast, cfg.eval.flip_tta, prefix))
+    (first, model), *others = scored.items()
+    metrics = evaluate(model, run.val_data, cfg.train.eval_batch_size, run.device, run.world, run.rank, reduce_sum,
+                       cfg.model.channels_last, accelerator.autocast, cfg.eval.flip_tta, first, also=dict(others))
     if runlog is not None:
         runlog.log(metrics, run.step)
     say(describe_validation(run, metrics))
