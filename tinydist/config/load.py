@@ -180,6 +180,9 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.ema.half_life <= 1:
         raise ConfigError(f"bad value for `ema.half_life`: {cfg.ema.half_life!r}; expected a fraction of the run's "
                           "steps in (0, 1], e.g. 0.1 (ema.decay, when set, wins over it)")
+    if cfg.eval.every_epochs < 0:
+        raise ConfigError(f"bad value for `eval.every_epochs`: {cfg.eval.every_epochs!r}; expected a number of epochs "
+                          ">= 0 (0 = validate at the last step and train.eval_every_steps only)")
     if cfg.eval.weights == "ema" and not cfg.ema.enabled:
         raise ConfigError("eval.weights=ema but ema.enabled=false; set --ema.enabled=true or --eval.weights=both")
     scored = {"both": ("val/", "val_ema/"), "ema": ("val_ema/",), "raw": ("val/",)}[cfg.eval.weights]

@@ -118,6 +118,9 @@ class EvalConfig:
     precise_bn_images: int = 4096
     # Also score the mirrored images and average the logits, logged as val/top1_flip (and val_ema/top1_flip).
     flip_tta: bool = False
+    # Validate at every this many epoch ends (besides the last step and train.eval_every_steps); 0 = at none:
+    # each validation costs PreciseBN plus a pass over the val images, a share of a short run's wall time.
+    every_epochs: int = 1
     # Which weights a validation scores, in one pass over the images (each batch loaded once): `both` (raw
     # and EMA when ema.enabled), `ema` (the average only: one forward per batch) or `raw`.
     weights: str = "both"
