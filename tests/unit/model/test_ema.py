@@ -76,7 +76,7 @@ def test_half_life_sets_the_decay_from_the_run_s_length_and_keeps_the_warm_up() 
     assert ema_decay(cfg, 1000) < ema_decay(cfg, 2000)  # a longer run averages over more steps
     # A decay that is set wins over half_life: recipes and resumed runs that name one keep it.
     assert ema_decay(EmaConfig(decay=0.9998, half_life=0.1), 1000) == 0.9998
-    assert load_config([]).ema.decay is None and load_config([]).ema.half_life == 0.1
+    assert load_config([]).ema.decay is None and load_config([]).ema.half_life == 0.2
 
 
 @pytest.mark.parametrize("override, says", [("--ema.half_life=0", "ema.half_life"), ("--ema.half_life=1.5", "ema.half_life"),
