@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tinydist import config as config_lib
 from tinydist.bench.common import SMOKE_RECIPE
 from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from tinydist.data.cache import _subset, load_train_val, open_source
+from tinydist.data.cache import _subset, open_source
 from tinydist.data.mix import mix_enabled
 from tinydist.data.sampler import GlobalSampler
 import tinydist.train as train_module

@@ -18,4 +18,4 @@ from tinydist.runtime.exitcodes import HelpRequested
 __all__ = ["CHOICES", "DEFAULT_MAX_SHARD_SIZE", "HELP_FLAGS", "TRACKERS", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EmaConfig", "EvalConfig", "ExportConfig", "HelpRequested", "LogConfig", "MixConfig",
            "ModelConfig", "OptimConfig", "PreemptionConfig", "TrainConfig", "accumulation_steps", "all_keys",
-           "checkpoint_dir", "get", "help_text", "load_config", "main", "to_dict", "to_yaml", "validate"]
+           "checkpoint_dir", "ema_decay", "get", "help_text", "load_config", "main", "to_dict", "to_yaml", "validate"]
