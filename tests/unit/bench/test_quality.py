@@ -159,6 +159,8 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
     assert "quick sizes" in out.splitlines()[0], out
     assert ("tinydist: train() as configured (train_step, validate, saves, export): mix cutmix 1 / mixup 0, prob 0.5; "
             "EMA half-life 0.2 of the run; PreciseBN 256 images;") in out, out
-    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+\)$", out, re.M), out
+    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+; data [\d.]+ s, .*"
+                     r"validation [\d.]+ s, saves [\d.]+ s, .*steps [\d.]+ s\)$", out, re.M), out
+    assert re.search(r"^floor: tinydist end-to-end [\d.]+ s vs bare loop [\d.]+ s \(8 steps", out, re.M), out
     assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points",
                      out, re.M), out
