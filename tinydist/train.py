@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
@@ -47,6 +48,7 @@ from tinydist.loop.console import Console
 from tinydist.loop.evaluate import evaluate
 from tinydist.loop.run import (Run, build_run, describe_validation, load_data, open_checkpoints, restore, save,
                                sync_buffers, write_config)
+from tinydist.loop.timing import Phases
 from tinydist.loop.tracking import RunLog
 from tinydist.loop.triggers import Triggers
 from tinydist.model.build import check_first_step
@@ -66,6 +68,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     """The run; its exit code. `stop` (default: one of its own, restored on return) is the flag that
     signals set: `main` passes one that stays installed until the exit code is recorded, so a signal
     on the way out (torchrun's agent SIGTERMs the survivors of a lost rank) cannot kill us first."""
+    phases = Phases()  # where the wall time goes: the final line says it (loop/timing.py)
     keep_freed_memory()  # see data/hostmem.py: per-batch page faults otherwise dominate CPU-side work
     accelerator = make_accelerator(cfg)
     console = Console(accelerator.is_main_process, total=0, start=0)
@@ -91,7 +94,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     run: Optional[Run] = None
     try:
         # Setup: the data, the model and optimizer, the storage probe and the lease (one job per checkpoint dir).
-        data = load_data(cfg, accelerator, stop, say)
+        with phases.timed("data"):
+            data = load_data(cfg, accelerator, stop, say)
         if data is None:
             return EXIT_PREEMPTED
         run = build_run(cfg, accelerator, *data, say=say)
@@ -107,8 +111,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         guard = DivergenceGuard(run.step)
         if run.step >= run.last_step:
             say(f"the run is finished (step {run.step} of {run.last_step}); completing the export only")
+            phases.until_now("start-up")
             exit_code = finish(cfg, checkpointer, run.bare_model, run.ema, run.step, metrics,
-                               run.train_data.classes, accelerator.is_main_process, say)
+                               run.train_data.classes, accelerator.is_main_process, say, phases)
             accelerator.wait_for_everyone()
             tiers.finished()
             return exit_code
@@ -126,6 +131,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         triggers = Triggers(cfg, run.sampler.epoch_at, run.last_step)
         console.start_progress(total=run.last_step, start=run.step)  # a live bar in a terminal, a log line per 30 s
         run.start_loop()
+        phases.until_now("start-up")
         exit_code = EXIT_OK
         while run.step < run.last_step:
             lr = train_step(run, before_update=tiers.snapshot_barrier)  # a save may still be copying
@@ -144,10 +150,14 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 runlog.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, run.step)
                 shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
             console.progress(run.step, run.sampler.epoch_at(run.step), **shown)
-            metrics = validate(run, runlog, say) if triggers.should_eval(run.step) else {}
+            metrics = {}
+            if triggers.should_eval(run.step):
+                with phases.timed("validation"):
+                    metrics = validate(run, runlog, say)
             if tiers.lose_local(local_lost) or triggers.should_save(run.step, stopping, clock_due):
                 try:
-                    save(run, tiers, clock, runlog.run_id, metrics, blocking=stopping or run.step == run.last_step)
+                    with phases.timed("saves"):
+                        save(run, tiers, clock, runlog.run_id, metrics, blocking=stopping or run.step == run.last_step)
                 except StorageFullError as e:
                     if stopping:  # nothing saved to stop after: the launcher must back off, not hurry
                         raise TransientError(f"stopping after {stop.signal_name}, but the checkpoint could not be "
@@ -155,7 +165,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                     say("warning: no final checkpoint (the disk is full, see above); exporting the model anyway")
                 runlog.flush()
             elif tiers.local_due(run.step):  # this machine's local tier: lose at most a step to a crash
-                save(run, tiers, clock, runlog.run_id, metrics, blocking=False, durable=False)
+                with phases.timed("saves"):
+                    save(run, tiers, clock, runlog.run_id, metrics, blocking=False, durable=False)
             if stopping:
                 runlog.event("preempted", run.step, signal=stop.signal_name)
                 say(f"stopped at step {run.step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
@@ -166,13 +177,15 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
 
         # Finish: the last save committed, then the export (idempotent); trackers closed after the last barrier.
         try:
-            tiers.wait()
+            with phases.timed("saves"):
+                tiers.wait()
         except DivergedError as e:  # the last save found what the last log step could not yet see
             raise guard.error(str(e), e.step or run.step, tiers.last_commit) from None
         runlog.flush()  # the curves the export draws are whole
         if exit_code == EXIT_OK:
             exit_code = finish(cfg, checkpointer, run.bare_model, run.ema, run.step, metrics, run.train_data.classes,
-                               accelerator.is_main_process, say)
+                               accelerator.is_main_process, say, phases)
+            runlog.log(phases.as_metrics(), run.step)  # for bench quality; after the export's curves
         accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
         if exit_code == EXIT_OK:
             tiers.finished()
@@ -254,23 +267,26 @@ def _silent(_: str) -> None:
 
 
 def validate(run: Run, runlog: Optional[RunLog] = None, say: Callable[[str], None] = _silent) -> dict[str, float]:
-    """Validation metrics of the raw weights (and of their average), each with BN statistics for its own
-    weights: the model's synchronised ones, then PreciseBN's (`eval.precise_bn_images`). Logged to `runlog`
-    and said when given."""
+    """Validation metrics of the raw weights and/or their average (`eval.weights`), each with BN statistics
+    for its own weights: the model's synchronised ones, then PreciseBN's (`eval.precise_bn_images`). One
+    pass over the validation images scores them all: each batch is gathered and transformed once.
+    Logged to `runlog` and said when given."""
     sync_buffers(run)
     cfg, accelerator = run.cfg, run.accelerator
     reduce_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
-    metrics: dict[str, float] = {}
-    for prefix, module in (("val", run.bare_model), ("val_ema", run.ema and run.ema.module)):
-        if module is None:
-            continue
-        if run.ema is not None and module is not run.bare_model:
-            run.ema.take_buffers(run.bare_model)
+    scored: dict[str, torch.nn.Module] = {}
+    if cfg.eval.weights != "ema" or run.ema is None:
+        scored["val"] = run.bare_model
+    if run.ema is not None and cfg.eval.weights != "raw":
+        run.ema.take_buffers(run.bare_model)
+        scored["val_ema"] = run.ema.module
+    for module in scored.values():
         if cfg.eval.precise_bn_images:
             recompute_bn_statistics(module, run.train_data, cfg.eval.precise_bn_images, cfg.train.seed, run.device,
                                     run.world, run.rank, reduce_sum, cfg.model.channels_last, accelerator.autocast)
-        metrics.update(evaluate(module, run.val_data, cfg.train.eval_batch_size, run.device, run.world, run.rank,
-                                reduce_sum, cfg.model.channels_last, accelerator.autocast, cfg.eval.flip_tta, prefix))
+    (first, model), *others = scored.items()
+    metrics = evaluate(model, run.val_data, cfg.train.eval_batch_size, run.device, run.world, run.rank, reduce_sum,
+                       cfg.model.channels_last, accelerator.autocast, cfg.eval.flip_tta, first, also=dict(others))
     if runlog is not None:
         runlog.log(metrics, run.step)
     say(describe_validation(run, metrics))
@@ -278,10 +294,14 @@ def validate(run: Run, runlog: Optional[RunLog] = None, say: Callable[[str], Non
 
 
 def finish(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema: Optional[ModelEma], step: int,
-           metrics: dict[str, float], classes: list[str], main_process: bool, say: Callable[[str], None]) -> int:
+           metrics: dict[str, float], classes: list[str], main_process: bool, say: Callable[[str], None],
+           phases: Optional[Phases] = None) -> int:
     """The run's last phase, idempotent: export the model (main process) unless the export in place is
-    already exactly this one. Rerun on a finished run, it completes a missing or partial export."""
+    already exactly this one. Rerun on a finished run, it completes a missing or partial export. Its
+    line ends with where the wall time went (`phases`, when given)."""
+    phases = phases or Phases()
     if main_process:
+        began = time.perf_counter()
         module, provenance = exported_weights(cfg, checkpointer, model, ema, step, metrics)
         model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
         names, curves = class_names(cfg.data, classes), curves_png(cfg.train.output_dir)
@@ -290,9 +310,10 @@ def finish(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema:
                                                         curves_png=curves),
                               f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
                               retry_s=cfg.checkpoint.retry_s, log=say)
+        phases.spent["export"] += time.perf_counter() - began
         say(f"done: step {step}; model in {model_url} ({provenance['weights']} weights of the "
             f"{provenance['selected']} checkpoint, step {provenance['step']})"
-            + ("" if wrote else "; it was already complete and current, left as it was"))
+            + ("" if wrote else "; it was already complete and current, left as it was") + f"; {phases.describe()}")
     return EXIT_OK
 
 

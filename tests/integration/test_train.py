@@ -299,14 +299,16 @@ def test_smoke_recipe_learns_digits(smoke_run):
     val = [m for m in metrics if "val/top1" in m]
     assert val, describe(result)
     assert val[-1]["val/top1"] >= 0.9, f"final val top-1 {val[-1]['val/top1']:.4f} < 0.9: {val}"
-    # The recipe keeps an EMA of the weights, validated beside them: far ahead at the first validation
-    # (peak learning rate), level with them at the end of the cosine schedule, where the learning rate is
-    # ~0 and the two are nearly the same weights: within one of the 299 images (seeds 0, 1 on 1 and 2
-    # threads: -1, 0, +1 images).
+    # The recipe keeps an EMA of the weights (half-life 0.2 of the run), validated beside them in one pass,
+    # every 2 epochs (eval.every_epochs: validation is a large share of a short run's wall time). Validated
+    # every epoch it was far ahead after epoch 1 (92% vs 79%); from epoch 2 on the two are level: within a
+    # few of the 299 images (seed 0: -1 image at epoch 2), and within one at the end of the cosine schedule,
+    # where the learning rate is ~0 and the two are nearly the same weights.
+    assert [m["epoch"] for m in val] == pytest.approx([2.008, 4.017, 6.025, 8.033, 10.042], abs=0.01), val
     assert all("val_ema/top1" in m for m in val), val
-    assert val[0]["val_ema/top1"] > val[0]["val/top1"] + 0.05, val[0]
+    assert all(m["val_ema/top1"] >= m["val/top1"] - 3.5 / 299 for m in val), val
     assert val[-1]["val_ema/top1"] >= val[-1]["val/top1"] - 1.5 / 299, val[-1]
-    # PreciseBN: the first validation (one epoch in, at peak learning rate) is already sane.
+    # PreciseBN: the first validation (two epochs in, near peak learning rate) is already sane.
     assert val[0]["val/loss"] < 3.0 and val[0]["val/top1"] > 0.3, val[0]
     train = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert train[-1] < 0.5 * math.log(10) < train[0], f"train loss did not fall: {train}"

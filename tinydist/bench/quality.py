@@ -1,18 +1,23 @@
-"""Does the fast pipeline cost accuracy? tinydist's training, the recipe as configured, against a plain
+"""Does tinydist win on data it never saw? `train()` end to end, the recipe as configured, against a plain
 per-image torchvision/DataLoader loop: same data, model, optimizer, schedule, epochs, micro-batches and seeds.
 
-    python -m tinydist.bench quality [--quick] [--seeds 0 1] [--epochs 3] [--config FILE] [--section.key=VALUE ...]
-    python -m tinydist.bench quality --make-photos DIR [--photos-from FOLDER]   # an offline photo source
+    python -m tinydist.bench quality [--quick] [--seeds 0 1 2] [--epochs 3] [--no-floor] [--config FILE] [--k=V ...]
+    python -m tinydist.bench quality --make-photos DIR [--proxy photos10|photos-all] [--photos-from FOLDER]
     python -m tinydist.bench quality --data.source=DIR --data.crop_scale=[0.08,1.0] --data.hflip=true
 
-Default: configs/smoke.yaml (offline digits, 32 px), 3 epochs, seeds 0 and 1: a few minutes on 2 cores.
-`--quick`: one seed, one epoch on a subset; checks that it runs, not what it says.
+Default: configs/smoke.yaml (offline digits, 32 px), 3 epochs, seeds 0 1 2. `--quick`: one seed, one
+epoch on a subset; checks that it runs, not what it says. The verdict, one line:
+`quality: tinydist X ± s vs plain loop Y ± s -> +D points; wall ratio R` (top-1 in percent, mean ±
+sample s.d. over the seeds; R = tinydist's wall time over the plain loop's, every run of each summed).
 
-tinydist's side is training itself, in this process (one process, under Accelerate): `build_run`
-(loop/run.py) and `train_step` (train.py) for every step, then `validate` (train.py), exactly as
-`python -m tinydist.train` runs them. So everything the config turns on is measured: the BN rule,
-CutMix/MixUp (`mix.*`), the EMA (`ema.*`), PreciseBN (`eval.precise_bn_images`). Its top-1 is that of
-the weights the export would hold (`export.weights`: raw, or the EMA); both are printed per run.
+tinydist's side is `train()` itself (train.py), in this process, in a temporary output folder: its
+validations, checkpoints and export included, as `python -m tinydist.train` runs them. So everything
+the config turns on is measured, in accuracy and in time: the BN rule, CutMix/MixUp (`mix.*`), the EMA
+(`ema.*`), PreciseBN (`eval.precise_bn_images`), flip TTA, the validation and save cadence. Its top-1 is
+that of the weights the export would hold (`export.weights`: raw, or the EMA; the flip-TTA top-1 when
+`eval.flip_tta`); raw and EMA are printed per run, with the run's time per phase (loop/timing.py).
+After each seed, a bare loop over the same number of steps on pre-made tensors (bench/floor.py) gives
+the wall-time floor; the `floor:` line sets tinydist's end-to-end time against it, phase by phase.
 Variants: `tinydist` is the config's `data.train_detail` (default 2: the train cache at up to 2x
 data.image_size, each crop resampled once, antialiased, to data.image_size); `tinydist-legacy` is
 data.train_detail=1 (the cache at data.image_size + bilinear grid_sample), the pipeline before the fix.
@@ -26,14 +31,18 @@ micro-batches, BN statistics updated by every forward, hard labels, no mixing, n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,14 +51,14 @@ import torch.nn.functional as F
 from tinydist import config as config_lib
 from tinydist.bench.common import SMOKE_RECIPE
 from tinydist.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from tinydist.data.cache import _subset, load_train_val, open_source
+from tinydist.data.cache import _subset, open_source
 from tinydist.data.mix import mix_enabled
 from tinydist.data.sampler import GlobalSampler
-from tinydist.loop.accel import make_accelerator
-from tinydist.loop.run import build_run
+import tinydist.train as train_module
+from tinydist.bench.floor import bare_floor_seconds
+from tinydist.bench.proxies import PROXIES, make_photo_source
 from tinydist.model.build import BNStatistics, build_model
 from tinydist.model.optim import build_optimizer, lr_at, set_lr
-from tinydist.train import train_step, validate
 
 VARIANTS = ("tinydist", "tinydist-legacy", "torchvision")
 # --quick: before the user's own overrides, which win.
@@ -67,27 +76,71 @@ class EveryMicroBatch(BNStatistics):
 
 
 def top1_key(cfg: config_lib.Config) -> str:
-    """The metric of the weights the export holds: the EMA's when `export.weights` is ema."""
-    return "val_ema/top1" if cfg.export.weights == "ema" else "val/top1"
+    """The metric of the weights the export holds: the EMA's when `export.weights` is ema; its flip-TTA
+    top-1 when `eval.flip_tta` (what a user of the model would get scoring as validation does)."""
+    return ("val_ema/top1" if cfg.export.weights == "ema" else "val/top1") + ("_flip" if cfg.eval.flip_tta else "")
 
 
 def run_tinydist(cfg: config_lib.Config, seed: int, detail: int, log: Callable[[str], None] = lambda _: None,
                  bn_every: bool = False) -> dict[str, float]:
-    """Training as train.py runs it, on one process, seed `seed`, train cache at `detail`; the metrics of
-    its final validation (val/*, and val_ema/* when the EMA is on)."""
+    """`train()` itself, end to end, in this process, seed `seed`, train cache at `detail`, in a
+    temporary output folder (checkpoints and the export included): the metrics of its last validation
+    (val/*, and val_ema/* when scored) and where its wall time went (time/*_s, loop/timing.py)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed),
                               data=dataclasses.replace(cfg.data, train_detail=detail))
-    accelerator = make_accelerator(cfg)
-    run = build_run(cfg, accelerator, *load_train_val(cfg.data, log=log))
-    if bn_every:
-        run.bn_statistics = EveryMicroBatch(run.bare_model)
-    run.start_loop()
+    out = tempfile.mkdtemp(prefix="tinydist-quality-")
     try:
-        while run.step < run.last_step:
-            train_step(run)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=out),
+                                  checkpoint=dataclasses.replace(cfg.checkpoint, dir=None, resume="never",
+                                                                 local_dir=None),
+                                  preemption=dataclasses.replace(cfg.preemption, notice="off"))
+        with _every_micro_batch(bn_every), contextlib.redirect_stdout(_Lines(log)):
+            code = train_module.train(cfg)
+        if code != 0:
+            raise RuntimeError(f"tinydist's run (seed {seed}) ended with exit code {code}")
+        return _last_records(os.path.join(out, "metrics.jsonl"))
     finally:
-        run.close()
-    return validate(run)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+class _Lines(io.TextIOBase):
+    """stdout of a run, line by line, to `log` (stderr in the command: the table stays on stdout)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.log(line)
+        return len(text)
+
+
+def _last_records(path: str) -> dict[str, float]:
+    """The last validation's metrics and the time/* figures from a run's metrics.jsonl."""
+    out: dict[str, float] = {}
+    with open(path) as f:
+        for record in map(json.loads, filter(str.strip, f)):
+            if any(k.startswith(("val/", "val_ema/")) for k in record):
+                out = {k: v for k, v in out.items() if k.startswith("time/")}
+            out.update({k: v for k, v in record.items() if k.startswith(("val/", "val_ema/", "time/"))})
+    return out
+
+
+@contextlib.contextmanager
+def _every_micro_batch(on: bool) -> Iterator[None]:
+    """--bn-every: train()'s runs count BN statistics from every micro-batch (a diagnostic)."""
+    original = train_module.build_run
+    if on:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            run = original(*args, **kwargs)
+            run.bn_statistics = EveryMicroBatch(run.bare_model)
+            return run
+        train_module.build_run = build
+    try:
+        yield
+    finally:
+        train_module.build_run = original
 
 
 def _baseline_setup(cfg: config_lib.Config, train_rows: int, seed: int) -> tuple[GlobalSampler, int, int]:
@@ -163,64 +216,56 @@ def run_torchvision(cfg: config_lib.Config, seed: int, device: torch.device, wor
     return hits / len(val_set)
 
 
-def table(results: dict[str, list[float]], seeds: Sequence[int]) -> list[str]:
-    """Rows `name  top-1 per seed  mean`, in percent, and the one-line verdict."""
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    return float(np.mean(values)), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict_line(ours: Sequence[float], plain: Sequence[float], ours_wall: Sequence[float],
+                 plain_wall: Sequence[float]) -> str:
+    """`quality: tinydist X ± s vs plain loop Y ± s -> +D points; wall ratio R`: top-1 in percent, mean
+    ± spread over seeds, D the difference of the means, R tinydist's total wall time over the plain loop's."""
+    (x, sx), (y, sy) = mean_spread([100 * a for a in ours]), mean_spread([100 * a for a in plain])
+    return (f"quality: tinydist {x:.2f} ± {sx:.2f} vs plain loop {y:.2f} ± {sy:.2f} -> {x - y:+.2f} points; "
+            f"wall ratio {sum(ours_wall) / sum(plain_wall):.2f}")
+
+
+def table(results: dict[str, list[float]], seeds: Sequence[int],
+          walls: Optional[dict[str, list[float]]] = None) -> list[str]:
+    """Rows `name  top-1 per seed  mean ± spread`, in percent; paired gaps per variant; the verdict line
+    (tinydist vs torchvision) when both ran and `walls` (seconds per run) are given."""
     width = max(len(n) for n in results)
-    lines = [f"{'pipeline':<{width}}  " + "  ".join(f"seed {s:<3}" for s in seeds) + "  mean"]
+    lines = [f"{'pipeline':<{width}}  " + "  ".join(f"seed {s:<3}" for s in seeds) + "  mean ± spread"]
     for name, accs in results.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * a:8.2f}" for a in accs) + f"  {100 * np.mean(accs):.2f}")
+        mean, spread = mean_spread([100 * a for a in accs])
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * a:8.2f}" for a in accs) + f"  {mean:.2f} ± {spread:.2f}")
     base = results.get("torchvision")
     for name, accs in results.items():
         if base is None or name == "torchvision":
             continue
         gaps = [100 * (a - b) for a, b in zip(accs, base)]
-        gap, spread = float(np.mean(gaps)), (statistics.stdev(gaps) if len(gaps) > 1 else float("nan"))
+        gap, spread = mean_spread(gaps)
         noise = 2 * spread / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
         word = ("costs no accuracy measurable here" if abs(gap) <= noise or abs(gap) < 0.25 else
                 "trails" if gap < 0 else "leads")
-        lines.append(f"verdict: {name} - torchvision = {gap:+.2f} points mean top-1 over {len(gaps)} seed(s) "
-                     f"(paired per-seed gaps {', '.join(f'{g:+.2f}' for g in gaps)}; 2 s.e. {noise:.2f}): {name} {word}")
+        lines.append(f"paired: {name} - torchvision = {gap:+.2f} points mean top-1 over {len(gaps)} seed(s) "
+                     f"(per-seed gaps {', '.join(f'{g:+.2f}' for g in gaps)}; 2 s.e. {noise:.2f}): {name} {word}")
+    if base is not None and "tinydist" in results and walls:
+        lines.append(verdict_line(results["tinydist"], base, walls["tinydist"], walls["torchvision"]))
     return lines
 
 
-def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int = 3000, val: int = 1500,
-                      sizes: tuple[int, int] = (64, 128), seed: int = 0) -> str:
-    """An offline photo source: square patches (random side in `sizes`) of real photographs, labelled by
-    photograph: scikit-learn's two sample photos plus every image in `photos_from` (e.g. the PNGs bundled
-    in scikit-image's skimage/data). Train patches come from the left 70% of each photo, val from the
-    right 30%. Written as a save_to_disk folder; `--data.source=FOLDER`."""
-    import datasets
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = {name: Image.fromarray(im) for name, im in
-              zip(("china", "flower"), load_sample_images().images)}
-    for name in sorted(os.listdir(photos_from)) if photos_from else []:
-        try:
-            with Image.open(os.path.join(photos_from, name)) as im:
-                if min(im.size) >= 2 * sizes[0]:
-                    photos[os.path.splitext(name)[0]] = im.convert("RGB")
-        except OSError:
-            continue
-    rng, names = np.random.default_rng(seed), sorted(photos)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    splits = {}
-    for split, count, (lo, hi) in (("train", train, (0.0, 0.7)), ("valid", val, (0.7, 1.0))):
-        images, labels = [], []
-        for i in range(count):
-            label = i % len(names)
-            photo = photos[names[label]]
-            x0, x1 = int(lo * photo.width), int(hi * photo.width)
-            side = int(rng.integers(sizes[0], sizes[1] + 1))
-            side = min(side, x1 - x0, photo.height)
-            left, top = int(rng.integers(x0, x1 - side + 1)), int(rng.integers(0, photo.height - side + 1))
-            buf = io.BytesIO()
-            photo.crop((left, top, left + side, top + side)).save(buf, "PNG")
-            images.append({"bytes": buf.getvalue(), "path": None})
-            labels.append(label)
-        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-    datasets.DatasetDict(splits).save_to_disk(folder)
-    return f"{folder}: {len(names)} photos ({', '.join(names)}), {train} train / {val} valid patches"
+def floor_line(times: Sequence[dict[str, float]], floors: Sequence[float], steps: int) -> str:
+    """tinydist's end-to-end wall time (mean over its runs) against the bare loop's, and where the rest went."""
+    wall, floor = float(np.mean([t["time/wall_s"] for t in times])), float(np.mean(floors))
+    phases = [(name, float(np.mean([t.get(f"time/{key}_s", 0.0) for t in times])))
+              for name, key in (("data", "data"), ("start-up", "startup"), ("validation", "validation"),
+                                ("saves", "saves"), ("export", "export"))]
+    steps_s = float(np.mean([t["time/steps_s"] for t in times]))
+    rest = ", ".join(f"{name} {s:.1f} s ({100 * s / wall:.0f}%)" for name, s in phases)
+    return (f"floor: tinydist end-to-end {wall:.1f} s vs bare loop {floor:.1f} s ({steps} steps on pre-made tensors) "
+            f"-> ratio {wall / floor:.2f} (goal <= 1.08); beyond the floor: {rest}, steps {steps_s:.1f} s = "
+            f"{steps_s / floor:.2f} x floor (data loading, augmentation, EMA, logging inside the steps)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -233,9 +278,11 @@ def recipe_line(cfg: config_lib.Config) -> str:
     """What tinydist's side trains beyond the baseline's plain loop, as the config turns it on."""
     mix = (f"cutmix {cfg.mix.cutmix_alpha:g} / mixup {cfg.mix.mixup_alpha:g}, prob {cfg.mix.prob:g}"
            if mix_enabled(cfg.mix) else "off")
-    ema = f"decay {cfg.ema.decay:g}" if cfg.ema.enabled else "off"
+    ema = ((f"decay {cfg.ema.decay:g}" if cfg.ema.decay is not None else f"half-life {cfg.ema.half_life:g} of the run")
+           if cfg.ema.enabled else "off")
     precise = f"{cfg.eval.precise_bn_images} images" if cfg.eval.precise_bn_images else "off"
-    return (f"tinydist: the recipe as configured (train_step, validate): mix {mix}; EMA {ema}; PreciseBN {precise}; "
+    return (f"tinydist: train() as configured (train_step, validate, saves, export): mix {mix}; EMA {ema}; "
+            f"PreciseBN {precise}; eval.weights {cfg.eval.weights}; flip TTA {cfg.eval.flip_tta}; "
             f"label smoothing {cfg.optim.label_smoothing:g}; top-1 of export.weights={cfg.export.weights} "
             f"({top1_key(cfg)}); torchvision: plain loop, none of these")
 
@@ -247,7 +294,9 @@ def quality(argv: Optional[Sequence[str]]) -> int:
                                             "(default recipe: configs/smoke.yaml).")
     parser.add_argument("--quick", action="store_true",
                         help="one seed, one epoch, a subset of the data: checks that it runs (CI)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 (--quick: 0)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the bare loop on pre-made tensors (the wall-time floor) after each seed")
     parser.add_argument("--epochs", type=float, default=None, help="train.epochs for every run (default 3; --quick: 1)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tinydist", "torchvision"])
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (default 0)")
@@ -255,13 +304,15 @@ def quality(argv: Optional[Sequence[str]]) -> int:
                         help="diagnostic: tinydist's runs update BN statistics on every micro-batch, as the baseline")
     parser.add_argument("--make-photos", metavar="DIR", help="write the offline photo source to DIR and exit")
     parser.add_argument("--photos-from", metavar="FOLDER", help="extra photographs for --make-photos")
+    parser.add_argument("--proxy", choices=PROXIES, default="photos-all",
+                        help="which shipped photographs --make-photos cuts (bench/proxies.py; default photos-all)")
     parser.add_argument("--photo-counts", nargs=2, type=int, default=[3000, 1500], metavar=("TRAIN", "VAL"),
                         help="patches per split for --make-photos (default 3000 1500)")
     opts, overrides = parser.parse_known_args(argv)
     if opts.make_photos:
-        print(make_photo_source(opts.make_photos, opts.photos_from, *opts.photo_counts))
+        print(make_photo_source(opts.make_photos, opts.photos_from, *opts.photo_counts, proxy=opts.proxy))
         return 0
-    seeds = opts.seeds or ([0] if opts.quick else [0, 1])
+    seeds = opts.seeds or ([0] if opts.quick else [0, 1, 2])
     epochs = opts.epochs if opts.epochs is not None else (1.0 if opts.quick else 3.0)
     recipe = [] if any(a == "--config" or a.startswith("--config=") for a in overrides) else ["--config", SMOKE_RECIPE]
     quick = QUICK_OVERRIDES if opts.quick else []
@@ -275,6 +326,10 @@ def quality(argv: Optional[Sequence[str]]) -> int:
           f"{', quick sizes' if opts.quick else ''}", flush=True)
     print(recipe_line(cfg), flush=True)
     results: dict[str, list[float]] = {v: [] for v in opts.variants}
+    walls: dict[str, list[float]] = {v: [] for v in opts.variants}
+    times: list[dict[str, float]] = []
+    floors: list[float] = []
+    steps = 0
     for seed in seeds:
         for variant in opts.variants:
             t0 = time.perf_counter()
@@ -287,8 +342,29 @@ def quality(argv: Optional[Sequence[str]]) -> int:
                 acc = metrics[top1_key(cfg)]
                 detail = "".join(f", {name} {100 * metrics[key]:.2f}" for name, key in
                                  (("raw", "val/top1"), ("ema", "val_ema/top1")) if key in metrics)
+                if variant == "tinydist":
+                    times.append(metrics)
+                    detail += "; " + ", ".join(f"{k[5:-2]} {v:.1f} s" for k, v in metrics.items()
+                                               if k.startswith("time/") and k != "time/wall_s")
             results[variant].append(acc)
-            print(f"  {variant} seed {seed}: top-1 {100 * acc:.2f} ({time.perf_counter() - t0:.0f} s{detail})",
-                  flush=True)
-    print("\n".join(table(results, seeds)))
+            walls[variant].append(time.perf_counter() - t0)
+            print(f"  {variant} seed {seed}: top-1 {100 * acc:.2f} ({walls[variant][-1]:.0f} s{detail})", flush=True)
+        if opts.floor and "tinydist" in opts.variants:  # in the same run, between the others: the same machine load
+            train_rows, num_classes = _train_shape(cfg)
+            _, total, warmup = _baseline_setup(cfg, train_rows, seed)
+            steps = min(total, cfg.train.max_steps or total)
+            floors.append(bare_floor_seconds(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)),
+                                             steps, num_classes, device, total, warmup))
+            print(f"  floor seed {seed}: {steps} bare steps {floors[-1]:.1f} s", flush=True)
+    print("\n".join(table(results, seeds, walls)))
+    if floors:
+        print(floor_line(times, floors, steps))
     return 0
+
+
+def _train_shape(cfg: config_lib.Config) -> tuple[int, int]:
+    """(train rows, classes) of the run's data, from its decode cache (built by the first run)."""
+    from tinydist.data.cache import load_split
+
+    data = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, log=lambda _: None)
+    return len(data), len(data.classes)

@@ -173,9 +173,27 @@ def validate(cfg: Config) -> None:
     for key in ("mix.prob", "mix.switch_prob"):
         if not 0 <= get(cfg, key) <= 1:
             raise ConfigError(f"bad value for `{key}`: {get(cfg, key)!r}; expected a probability in [0, 1]")
-    if not 0 < cfg.ema.decay < 1 or not cfg.ema.warmup_power >= 0:
+    if cfg.ema.decay is not None and not 0 < cfg.ema.decay < 1 or not cfg.ema.warmup_power >= 0:
         raise ConfigError(f"bad value for `ema.decay` / `ema.warmup_power`: {cfg.ema.decay!r} / "
-                          f"{cfg.ema.warmup_power!r}; expected 0 < decay < 1 and warmup_power >= 0")
+                          f"{cfg.ema.warmup_power!r}; expected 0 < decay < 1 (or null: from ema.half_life) and "
+                          "warmup_power >= 0")
+    if not 0 < cfg.ema.half_life <= 1:
+        raise ConfigError(f"bad value for `ema.half_life`: {cfg.ema.half_life!r}; expected a fraction of the run's "
+                          "steps in (0, 1], e.g. 0.1 (ema.decay, when set, wins over it)")
+    if cfg.eval.every_epochs < 0:
+        raise ConfigError(f"bad value for `eval.every_epochs`: {cfg.eval.every_epochs!r}; expected a number of epochs "
+                          ">= 0 (0 = validate at the last step and train.eval_every_steps only)")
+    if cfg.eval.weights == "ema" and not cfg.ema.enabled:
+        raise ConfigError("eval.weights=ema but ema.enabled=false; set --ema.enabled=true or --eval.weights=both")
+    scored = {"both": ("val/", "val_ema/"), "ema": ("val_ema/",), "raw": ("val/",)}[cfg.eval.weights]
+    if cfg.eval.weights not in ("both", cfg.export.weights):  # the export's weights get their BN statistics there
+        raise ConfigError(f"export.weights={cfg.export.weights} but eval.weights={cfg.eval.weights}: the exported "
+                          f"weights must be validated; set --eval.weights={cfg.export.weights} or both")
+    best = cfg.checkpoint.best_metric
+    if best.startswith(("val/", "val_ema/")) and not best.startswith(scored):
+        raise ConfigError(f"checkpoint.best_metric={best} is not validated with "
+                          f"eval.weights={cfg.eval.weights}; name a {' or '.join(p + 'top1' for p in scored)} metric "
+                          "or set --eval.weights=both")
     if cfg.export.weights == "ema" and not cfg.ema.enabled:
         raise ConfigError("export.weights=ema but ema.enabled=false; set --ema.enabled=true or --export.weights=raw")
     if cfg.export.select == "best" and cfg.checkpoint.best_metric == "none":

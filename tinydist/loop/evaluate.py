@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,36 +30,52 @@ from tinydist.data.sampler import eval_shard
 def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device: torch.device,
              world_size: int = 1, rank: int = 0, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
              channels_last: bool = True, autocast: Any = None, flip: bool = False,
-             prefix: str = "val") -> dict[str, float]:
+             prefix: str = "val", also: Optional[Mapping[str, torch.nn.Module]] = None) -> dict[str, float]:
     """Each rank scores a disjoint slice; sums are reduced, so every image counts exactly once.
     `model` must be the bare module: a DDP forward is a collective and ranks may hold uneven batches.
     With `flip`, the mirrored images are scored too and the averaged logits reported as
-    `{prefix}/top1_flip` (and top5_flip), beside the plain metrics, so curves stay comparable."""
-    was_training = model.training
-    model.eval()
+    `{prefix}/top1_flip` (and top5_flip), beside the plain metrics, so curves stay comparable.
+    `also` ({prefix: module}, e.g. the EMA's as `val_ema`): more models scored on the same batches, in
+    the same pass: each batch is gathered and transformed once, whatever the number of models, and one
+    all-reduce carries every model's sums. Each model's metrics are those a pass of its own gives."""
+    models = {prefix: model, **(also or {})}
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
     k = min(5, len(cache.classes))
-    totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top1, top5, count, top1_flip, top5_flip
+    # Per model: loss, top1, top5, count, top1_flip, top5_flip
+    totals = torch.zeros(len(models), 6, dtype=torch.float64, device=device)
     for indices in eval_shard(len(cache), batch_size, world_size, rank):
         images, labels = to_device(cache.gather(indices), cache.labels[indices], device)
         inputs = eval_transform(images, channels_last)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(inputs).float()
-            mirrored = model(inputs.flip(3)).float() if flip else None
-        hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        flip_hits = ((logits + mirrored).topk(k, dim=1).indices.eq(labels[:, None]) if mirrored is not None
-                     else torch.zeros_like(hits))
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               torch.tensor(len(indices), dtype=torch.float64, device=device),
-                               flip_hits[:, 0].sum().double(), flip_hits.any(1).sum().double()])
+        mirrored_inputs = inputs.flip(3) if flip else None
+        for row, m in enumerate(models.values()):
+            totals[row] += _batch_sums(m, inputs, mirrored_inputs, labels, k, device, autocast)
     if reduce is not None:
         totals = reduce(totals)
-    model.train(was_training)
-    loss, top1, top5, count, top1_flip, top5_flip = totals.tolist()
-    metrics = {f"{prefix}/loss": loss / count, f"{prefix}/top1": top1 / count, f"{prefix}/top5": top5 / count}
-    if flip:
-        metrics.update({f"{prefix}/top1_flip": top1_flip / count, f"{prefix}/top5_flip": top5_flip / count})
+    metrics: dict[str, float] = {}
+    for row, (name, m) in enumerate(models.items()):
+        m.train(was_training[name])
+        loss, top1, top5, count, top1_flip, top5_flip = totals[row].tolist()
+        metrics.update({f"{name}/loss": loss / count, f"{name}/top1": top1 / count, f"{name}/top5": top5 / count})
+        if flip:
+            metrics.update({f"{name}/top1_flip": top1_flip / count, f"{name}/top5_flip": top5_flip / count})
     return metrics
+
+
+def _batch_sums(model: torch.nn.Module, inputs: torch.Tensor, mirrored_inputs: Optional[torch.Tensor],
+                labels: torch.Tensor, k: int, device: torch.device, autocast: Any) -> torch.Tensor:
+    """One batch's (loss sum, top-1 hits, top-5 hits, count, flip top-1 hits, flip top-5 hits)."""
+    with autocast() if autocast else torch.autocast(device.type, enabled=False):
+        logits = model(inputs).float()
+        mirrored = model(mirrored_inputs).float() if mirrored_inputs is not None else None
+    hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+    flip_hits = ((logits + mirrored).topk(k, dim=1).indices.eq(labels[:, None]) if mirrored is not None
+                 else torch.zeros_like(hits))
+    return torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                        hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                        torch.tensor(len(labels), dtype=torch.float64, device=device),
+                        flip_hits[:, 0].sum().double(), flip_hits.any(1).sum().double()])
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def build_run(cfg: Config, accelerator: Accelerator, train_data: ImageCache, val
                           "scaler, or no mixed precision")
     model, optimizer = accelerator.prepare(model, optimizer)
     bn_statistics = BNStatistics(bare_model)
-    ema = ModelEma(bare_model, cfg.ema) if cfg.ema.enabled else None
+    ema = ModelEma(bare_model, cfg.ema, total_steps) if cfg.ema.enabled else None
     if cfg.model.compile:
         model = torch.compile(model)
     return Run(cfg, accelerator, train_data, val_data, sampler, model, bare_model, optimizer, bn_statistics, ema,

@@ -23,8 +23,10 @@ class Triggers:
         return step % self.cfg.log.every_steps == 0 or step == self.last_step or stopping
 
     def should_eval(self, step: int) -> bool:
-        every = self.cfg.train.eval_every_steps
-        return self.epoch_ended(step) or step == self.last_step or bool(every and step % every == 0)
+        """Every `eval.every_epochs`-th epoch end, the last step, every `train.eval_every_steps`."""
+        every, epochs = self.cfg.train.eval_every_steps, self.cfg.eval.every_epochs
+        epoch_due = bool(epochs) and self.epoch_ended(step) and math.floor(self.epoch_at(step)) % epochs == 0
+        return epoch_due or step == self.last_step or bool(every and step % every == 0)
 
     def should_save(self, step: int, stopping: bool, clock_due: bool) -> bool:
         every = self.cfg.checkpoint.every_steps

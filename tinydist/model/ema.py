@@ -1,5 +1,11 @@
-"""An exponential moving average of the weights (timm's ModelEmaV3: a decay with warm-up), kept as a
-second module with the model's own key names, so it is validated, saved and exported like the model.
+"""An exponential moving average of the weights (Polyak averaging; timm's ModelEmaV3: a decay with
+warm-up), kept as a second module with the model's own key names, so it is validated, saved and
+exported like the model.
+
+The decay scales with the run: by default it is the one whose half-life is `ema.half_life` of the
+schedule's optimizer steps (config.ema_decay), so a 3-epoch run and a 300-epoch one average over the
+same share of their trajectory; a fixed `ema.decay` suits one length only (0.9998 never left the
+warm-up in a few hundred steps). Both come from the config and the step count, never the clock.
 
 Only the parameters are averaged, after each optimizer step, identically on every rank: every rank
 holds the same parameters after the step, whatever the world size (docs/design.md, principles 1, 2).
@@ -16,15 +22,17 @@ import copy
 import torch
 from torch import nn
 
-from tinydist.config import EmaConfig
+from tinydist.config import EmaConfig, ema_decay
 
 
 class ModelEma:
-    def __init__(self, model: nn.Module, cfg: EmaConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: EmaConfig, total_steps: int = 0) -> None:
+        """`total_steps`: the schedule's length, which sets the decay from `cfg.half_life` when
+        `cfg.decay` is null (config.ema_decay)."""
         self.module = copy.deepcopy(model).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
-        self.decay, self.warmup_power = cfg.decay, cfg.warmup_power
+        self.decay, self.warmup_power = ema_decay(cfg, total_steps), cfg.warmup_power
         self._averaged = [p for p in self.module.parameters()]
         self._live = [p for p in model.parameters()]
 

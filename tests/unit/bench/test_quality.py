@@ -84,49 +84,50 @@ def test_detail_cache_keeps_source_pixels(tmp_path):
     assert (big.side, big.image_size) == (64, 48)  # never more than the source's own 64 px
 
 
-def test_table_and_verdict_parse():
-    from tinydist.bench.quality import table
+def test_table_and_verdict_line_arithmetic():
+    from tinydist.bench.quality import table, verdict_line
 
-    lines = table({"tinydist": [0.851, 0.858], "torchvision": [0.856, 0.861]}, [0, 1])
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[1:3]}
-    assert rows == {"tinydist": [85.1, 85.8, 85.45], "torchvision": [85.6, 86.1, 85.85]}
-    gap = re.search(r"= ([+-]\d+\.\d+) points", lines[-1])
-    assert lines[-1].startswith("verdict: tinydist") and gap and float(gap.group(1)) == pytest.approx(-0.4)
+    lines = table({"tinydist": [0.851, 0.858, 0.865], "torchvision": [0.856, 0.861, 0.860]}, [0, 1, 2],
+                  {"tinydist": [10.0, 11.0, 12.0], "torchvision": [20.0, 22.0, 24.0]})
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
+    assert rows["tinydist"] == ["85.10", "85.80", "86.50", "85.80", "±", "0.70"]  # sample s.d. of 85.1, 85.8, 86.5
+    assert rows["torchvision"][3:] == ["85.90", "±", "0.26"]
+    assert lines[-1] == "quality: tinydist 85.80 ± 0.70 vs plain loop 85.90 ± 0.26 -> -0.10 points; wall ratio 0.50"
+    gap = re.search(r"= ([+-]\d+\.\d+) points", lines[-2])
+    assert lines[-2].startswith("paired: tinydist") and gap and float(gap.group(1)) == pytest.approx(-0.1)
+    one = verdict_line([0.5], [0.25], [3.0], [4.0])
+    assert one == "quality: tinydist 50.00 ± 0.00 vs plain loop 25.00 ± 0.00 -> +25.00 points; wall ratio 0.75"
 
 
-def test_tinydist_side_trains_the_recipe_with_train_step(tmp_path, monkeypatch):
-    """Every step is train.train_step; CutMix/MixUp, the EMA and PreciseBN all run when the config turns them on."""
-    import tinydist.train as train
+def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
     from tinydist import config
-    from tinydist.bench import quality
+    from tinydist.bench.floor import bare_floor_seconds
+    from tinydist.bench.quality import SMOKE_RECIPE, floor_line
 
-    calls = {"train_step": 0, "apply_mix": 0, "recompute_bn_statistics": 0}
+    cfg = config.load_config(["--config", SMOKE_RECIPE, "--data.image_size=16", "--train.global_batch_size=8",
+                              "--train.micro_batch_size=4"])
+    seconds = bare_floor_seconds(cfg, 2, 10, torch.device("cpu"), total_steps=4, warmup_steps=1)
+    assert 0 < seconds < 600
+    times = [{"time/wall_s": 12.0, "time/data_s": 1.0, "time/startup_s": 1.0, "time/validation_s": 2.0,
+              "time/saves_s": 0.5, "time/export_s": 0.5, "time/steps_s": 7.0}]
+    line = floor_line(times, [5.0], 40)
+    assert line.startswith("floor: tinydist end-to-end 12.0 s vs bare loop 5.0 s (40 steps on pre-made tensors) -> "
+                           "ratio 2.40 (goal <= 1.08)"), line
+    assert "validation 2.0 s (17%)" in line and "steps 7.0 s = 1.40 x floor" in line, line
 
-    def counted(module, name):
-        original = getattr(module, name)
 
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
+def test_proxies_are_real_photographs_by_class(tmp_path):
+    import datasets
 
-        monkeypatch.setattr(module, name, wrapper)
+    from tinydist.bench.proxies import PHOTOS10, make_photo_source, shipped_photos
 
-    counted(quality, "train_step")
-    counted(train, "apply_mix")
-    counted(train, "recompute_bn_statistics")
-    cfg = config.load_config(["--config", quality.SMOKE_RECIPE, f"--data.cache_dir={tmp_path}/cache",
-                              "--data.image_size=16", "--data.max_train_samples=96", "--data.max_val_samples=32",
-                              "--train.global_batch_size=32", "--train.micro_batch_size=16", "--train.epochs=1",
-                              "--mix.cutmix_alpha=1.0", "--mix.prob=1.0", "--eval.precise_bn_images=32",
-                              "--log.report_to=[]"])
-    assert cfg.ema.enabled  # the smoke recipe's
-    metrics = quality.run_tinydist(cfg, seed=0, detail=1)
-    assert calls["train_step"] == 3  # 96 images / 32 per step, one epoch
-    assert calls["apply_mix"] == 3 * 2  # every micro-batch: 2 per step
-    assert calls["recompute_bn_statistics"] == 2  # the weights, then their average
-    assert {"val/top1", "val_ema/top1"} <= set(metrics), metrics
-    assert quality.top1_key(cfg) == "val/top1" and quality.top1_key(
-        config.load_config(["--ema.enabled=true", "--export.weights=ema"])) == "val_ema/top1"
+    ten = shipped_photos("photos10", 128)
+    assert set(ten) <= set(PHOTOS10) and {"china", "flower"} <= set(ten)
+    assert len(shipped_photos("photos-all", 128)) >= len(ten)
+    line = make_photo_source(str(tmp_path / "p"), train=20, val=10, proxy="photos10")
+    ds = datasets.load_from_disk(str(tmp_path / "p"))
+    assert len(ds["train"]) == 20 and len(ds["valid"]) == 10 and "photos10" in line
+    assert sorted(ds["train"].features["label"].names) == sorted(ten)
 
 
 @pytest.mark.slow
@@ -136,11 +137,14 @@ def test_bench_quality_end_to_end(tmp_path, capsys):
     code = main(["--seeds", "0", "--epochs", "3", f"--data.cache_dir={tmp_path}/cache", "--data.max_val_samples=150"])
     assert code == 0
     out = capsys.readouterr().out
-    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(tinydist|torchvision)\s+([\d.]+)\s+[\d.]+$", out, re.M)}
+    rows = {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(tinydist|torchvision)\s+([\d.]+)\s+[\d.]+ ± [\d.]+$", out, re.M)}
     assert set(rows) == {"tinydist", "torchvision"}, out
     assert all(acc > 50 for acc in rows.values()), out  # 10 digits: chance is 10%
-    assert re.search(r"^verdict: tinydist - torchvision = [+-]\d+\.\d+ points", out, re.M), out
-    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+\)$", out, re.M), out
+    assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points; "
+                     r"wall ratio \d+\.\d+$", out, re.M), out
+    assert re.search(r"^floor: tinydist end-to-end [\d.]+ s vs bare loop [\d.]+ s", out, re.M), out
+    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+; data ", out, re.M), out
 
 
 @pytest.mark.slow
@@ -153,7 +157,10 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "quick sizes" in out.splitlines()[0], out
-    assert ("tinydist: the recipe as configured (train_step, validate): mix cutmix 1 / mixup 0, prob 0.5; EMA decay "
-            "0.9998; PreciseBN 256 images;") in out, out
-    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+\)$", out, re.M), out
-    assert re.search(r"^verdict: tinydist - torchvision = [+-]\d+\.\d+ points", out, re.M), out
+    assert ("tinydist: train() as configured (train_step, validate, saves, export): mix cutmix 1 / mixup 0, prob 0.5; "
+            "EMA half-life 0.2 of the run; PreciseBN 256 images;") in out, out
+    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+; data [\d.]+ s, .*"
+                     r"validation [\d.]+ s, saves [\d.]+ s, .*steps [\d.]+ s\)$", out, re.M), out
+    assert re.search(r"^floor: tinydist end-to-end [\d.]+ s vs bare loop [\d.]+ s \(8 steps", out, re.M), out
+    assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points",
+                     out, re.M), out

@@ -51,3 +51,36 @@ def test_from_config_is_the_run_s_evaluation() -> None:
     cpu = torch.device("cpu")
     assert evaluator.score(model, Split(), cpu, prefix="val_ema") == evaluate(
         model, Split(), 16, cpu, channels_last=False, flip=True, prefix="val_ema")
+
+
+def test_one_pass_over_two_models_gives_what_two_separate_passes_give() -> None:
+    """validate's single pass (raw and EMA weights on the same batches) changes no metric."""
+    split = Split(n=37)  # a last batch shorter than the others
+    torch.manual_seed(0)
+    raw = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    averaged = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    cpu = torch.device("cpu")
+    for flip in (False, True):
+        together = evaluate(raw, split, 16, cpu, channels_last=False, flip=flip, prefix="val",
+                            also={"val_ema": averaged})
+        apart = {**evaluate(raw, split, 16, cpu, channels_last=False, flip=flip, prefix="val"),
+                 **evaluate(averaged, split, 16, cpu, channels_last=False, flip=flip, prefix="val_ema")}
+        assert together == apart  # bit for bit
+        assert together["val/top1"] != together["val_ema/top1"] or together["val/loss"] != together["val_ema/loss"]
+
+
+def test_eval_weights_must_cover_what_is_exported_and_kept_best() -> None:
+    import pytest
+
+    from tinydist.config import ConfigError
+
+    assert load_config([]).eval.weights == "both"
+    load_config(["--ema.enabled=true", "--eval.weights=ema", "--export.weights=ema", "--checkpoint.best_metric=val_ema/top1"])
+    for args, says in ((["--eval.weights=ema"], "ema.enabled=false"),
+                       (["--ema.enabled=true", "--eval.weights=ema"], "export.weights=raw"),
+                       (["--ema.enabled=true", "--eval.weights=raw", "--checkpoint.best_metric=val_ema/top1"],
+                        "best_metric=val_ema/top1"),
+                       (["--eval.weights=all"], "eval.weights")):
+        with pytest.raises(ConfigError) as e:
+            load_config(args)
+        assert says in str(e.value) and "\n" not in str(e.value), (args, str(e.value))

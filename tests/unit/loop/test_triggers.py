@@ -28,3 +28,14 @@ def test_an_epoch_that_ends_exactly_on_a_step_is_seen_once() -> None:
     triggers = Triggers(cfg, sampler.epoch_at, last_step=80)
     assert [s for s in range(1, 81) if triggers.should_eval(s)] == [25, 50, 75, 80]
     assert [s for s in range(1, 81) if triggers.should_save(s, False, False)] == [25, 50, 75, 80]
+
+
+def test_eval_every_epochs_thins_the_epoch_end_validations() -> None:
+    cfg = Config()
+    cfg.train.eval_every_steps, cfg.checkpoint.every_steps, cfg.eval.every_epochs = None, 0, 2
+    sampler = GlobalSampler(num_samples=1000, global_batch=40, micro_batch=8)  # 25 steps per epoch exactly
+    triggers = Triggers(cfg, sampler.epoch_at, last_step=130)
+    assert [s for s in range(1, 131) if triggers.should_eval(s)] == [50, 100, 130]
+    assert [s for s in range(1, 131) if triggers.should_save(s, False, False)] == [25, 50, 75, 100, 125, 130]
+    cfg.eval.every_epochs = 0
+    assert [s for s in range(1, 131) if triggers.should_eval(s)] == [130]

@@ -60,3 +60,30 @@ def test_first_update_with_warmup_copies_the_weights_and_leaves_the_model_alone(
         assert torch.equal(mine, theirs), name
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert ema.module.state_dict().keys() == model.state_dict().keys()  # torchvision keys: exportable as is
+
+
+def test_half_life_sets_the_decay_from_the_run_s_length_and_keeps_the_warm_up() -> None:
+    from tinydist.config import ema_decay, load_config
+
+    cfg = EmaConfig(enabled=True, half_life=0.1, warmup_power=0.75)
+    for total in (100, 1000, 250_000):
+        decay = ema_decay(cfg, total)
+        assert decay ** (0.1 * total) == pytest.approx(0.5)  # the average halves its weight over 10% of the run
+        ema = ModelEma(small_model(), cfg, total_steps=total)
+        assert ema.decay == decay and ema.decay_at(0) == 0.0  # warm-up as before
+        assert ema.decay_at(10**9) == decay  # then the cap
+        assert ema.decay_at(5) == pytest.approx(min(decay, 1 - 6 ** -0.75))
+    assert ema_decay(cfg, 1000) < ema_decay(cfg, 2000)  # a longer run averages over more steps
+    # A decay that is set wins over half_life: recipes and resumed runs that name one keep it.
+    assert ema_decay(EmaConfig(decay=0.9998, half_life=0.1), 1000) == 0.9998
+    assert load_config([]).ema.decay is None and load_config([]).ema.half_life == 0.2
+
+
+@pytest.mark.parametrize("override, says", [("--ema.half_life=0", "ema.half_life"), ("--ema.half_life=1.5", "ema.half_life"),
+                                            ("--ema.decay=1.0", "ema.decay")])
+def test_bad_half_life_or_decay_is_one_line(override: str, says: str) -> None:
+    from tinydist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(["--ema.enabled=true", override])
+    assert says in str(e.value) and "\n" not in str(e.value)
