@@ -80,7 +80,6 @@ class LocalTier:
                                          share_cpu_tensors=True)
         self.failed: Optional[str] = None  # why it was switched off (this machine)
         self.fault: Optional[DivergedError] = None  # what stops the run: a non-finite tensor found in a save
-        self.saves, self.waited_s = 0, 0.0
         self._reading = True  # while restoring, what the checkpointer says (a skipped damaged one) is said
 
     def _heard(self, line: str) -> None:
@@ -103,26 +102,21 @@ class LocalTier:
         if not self.writer or self.failed is not None:
             return False
         self._reading = False
-        started = time.perf_counter()
         self._settle()
         if self.failed is None:
             try:
                 self.checkpointer.save(step, sets=sets, state=state, blocking=False)
-                self.saves += 1
             except (PermanentError, TransientError, OSError) as e:
                 self._switch_off(e)
-        self.waited_s += time.perf_counter() - started
         return self.failed is None
 
     def snapshot_barrier(self) -> None:
         """Before each optimizer step: the previous local save committed, not only copied. So when step F's
         update is done, step F-1 is committed: a crash at any moment resumes at most one step behind the
         last step finished. (A save that takes longer than a step holds the loop here; raise
-        checkpoint.local_every_steps then. The wait is counted in `waited_s`.)"""
+        checkpoint.local_every_steps then.)"""
         if self.writer and self.failed is None:
-            started = time.perf_counter()
             self._settle()
-            self.waited_s += time.perf_counter() - started
 
     def _settle(self) -> None:
         """Wait for the save in flight; switch the tier off on its storage fault, keep a divergence."""
