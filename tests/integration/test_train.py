@@ -330,7 +330,9 @@ def test_metrics_file_and_config_round_trip(smoke_run):
     assert steps == sorted(steps), f"steps go backwards: {steps}"
     train = [m for m in metrics if "train/loss" in m]
     val = [m for m in metrics if "val/top1" in m]
-    assert len(train) + len(val) == len(metrics)
+    timing = [m for m in metrics if any(k.startswith("time/") for k in m)]  # where the wall time went, at the end
+    assert len(train) + len(val) + len(timing) == len(metrics)
+    assert len(timing) == 1 and timing[0]["step"] == total_steps and timing[0]["time/steps_s"] > 0, timing
     for rows in (train, val):
         assert all(a["step"] < b["step"] for a, b in zip(rows, rows[1:])), [r["step"] for r in rows]
     assert [m["step"] for m in train] == [s for s in range(1, total_steps + 1)
@@ -344,8 +346,10 @@ def test_metrics_file_and_config_round_trip(smoke_run):
     for m in val:
         assert 0 <= m["val/top1"] <= m["val/top5"] <= 1, m
         assert math.isfinite(m["val/loss"]) and m["val/loss"] >= 0, m
-    # One validation per epoch end.
-    assert len(val) == math.floor(total_steps * gbs / num_train), [m["step"] for m in val]
+    # One validation per `eval.every_epochs`-th epoch end (and the last step, which ends one here).
+    epochs_done = math.floor(total_steps * gbs / num_train)
+    assert len(val) == epochs_done // cfg.eval.every_epochs, [m["step"] for m in val]
+    assert all(math.floor(m["epoch"]) % cfg.eval.every_epochs == 0 for m in val), [m["epoch"] for m in val]
 
     saved = os.path.join(out, "config.yaml")
     assert load_config(["--config", saved]) == cfg
