@@ -60,6 +60,11 @@ class Backoff:
     def succeeded(self) -> None:
         self.outage.ended()
 
+    def gave_up(self, directory: str, last: BaseException) -> TransientError:
+        """The fault that stops a run whose checkpoints could not be committed for `max_outage_s`."""
+        return TransientError(f"no checkpoint committed to {directory} for {self.down_s:.0f} s of storage faults "
+                              f"(checkpoint.max_outage_s={self.max_outage_s:g}); last: {last}")
+
 
 def retry_storage(action: Callable[[], T], what: str, *, max_outage_s: float, retry_s: float,
                   log: Callable[[str], None], max_retry_s: float = 60.0) -> T:

@@ -46,7 +46,6 @@ from tinydist.ckpt.storage import Storage, StorageError, StorageFullError, megab
 from tinydist.config import DEFAULT_MAX_SHARD_SIZE
 from tinydist.config.units import parse_size
 from tinydist.runtime.divergence import DivergedError
-from tinydist.runtime.exitcodes import TransientError
 from tinydist.runtime.peers import Peers
 
 Sets = Mapping[str, Optional[TensorSet]]
@@ -252,9 +251,7 @@ class Checkpointer:
                 self.last_error = e
                 wait = backoff.after_failure()
                 if wait is None:
-                    self.fault = TransientError(
-                        f"no checkpoint committed to {self.directory} for {backoff.down_s:.0f} s of storage faults "
-                        f"(checkpoint.max_outage_s={self.max_outage_s:g}); last: {e}")
+                    self.fault = backoff.gave_up(self.directory, e)
                     self.log(f"error: {self.fault}")
                     if final:
                         inflight.error = self.fault

@@ -27,7 +27,6 @@ from tinydist.ckpt.layout import CheckpointError
 from tinydist.ckpt.lease import Lease
 from tinydist.ckpt.record import check_committed, sealed, step_folder
 from tinydist.ckpt.storage import StorageError, StorageFullError, megabytes
-from tinydist.runtime.exitcodes import TransientError
 
 
 class Promoter:
@@ -117,9 +116,7 @@ class Promoter:
                 attempt.undo()
                 wait = backoff.after_failure()
                 if wait is None:
-                    self.fault = TransientError(
-                        f"no checkpoint committed to {self.durable.directory} for {backoff.down_s:.0f} s of storage "
-                        f"faults (checkpoint.max_outage_s={self.max_outage_s:g}); last: {e}")
+                    self.fault = backoff.gave_up(self.durable.directory, e)
                     self.log(f"error: {self.fault}")
                     return
                 self.log(f"checkpoint {self.durable.storage.show(name)}: copy from the local tier failed ({e}); "
