@@ -8,9 +8,9 @@ config alone: a step consumes the same global batch whatever the world size (dat
 run killed at any moment resumes from its newest committed checkpoint as if it never stopped.
 Exit codes: the contract in runtime/exitcodes.py, decided by runtime/cli.py for `main` as for every entry.
 
-Here: `train` (setup -> restore -> loop -> finish), `train_step` (one optimizer step, the unit that
-train and `python -m tinydist.bench` run), `validate` and `finish`. The run's state and the phases'
-helpers are in loop/run.py.
+Here: `train` (setup -> restore -> loop -> finish) and `train_step` (one optimizer step, the unit that
+train and `python -m tinydist.bench` run). The run's state is in loop/run.py; the phases between steps
+in loop/validation.py, loop/saving.py and loop/finish.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
@@ -29,32 +28,25 @@ if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this
 import torch
 import torch.nn.functional as F
 
-from tinydist.ckpt.backoff import retry_storage
-from tinydist.ckpt.checkpointer import Checkpointer
-from tinydist.ckpt.tiers import Tiers
 from tinydist.ckpt.lease import Lease, claim_storage
-from tinydist.ckpt.storage import StorageFullError
+from tinydist.ckpt.tiers import Tiers
 from tinydist.config import Config, load_config
 from tinydist.data.augment import augment
 from tinydist.data.hostmem import keep_freed_memory
 from tinydist.data.mix import apply_mix, soft_cross_entropy
 from tinydist.data.prefetch import Ready
-from tinydist.export.labels import class_names
-from tinydist.export.report import curves_png
-from tinydist.export.writer import export_if_changed, exported_weights
 from tinydist.loop.accel import make_accelerator, requested_processes
 from tinydist.loop.cadence import SaveClock
 from tinydist.loop.console import Console
-from tinydist.loop.evaluate import evaluate
-from tinydist.loop.run import (Run, build_run, describe_validation, load_data, open_checkpoints, restore, save,
-                               sync_buffers, write_config)
+from tinydist.loop.finish import finish
+from tinydist.loop.run import Run, build_run, load_data, open_checkpoints, restore, write_config
+from tinydist.loop.saving import save_after_step
 from tinydist.loop.timing import Phases
 from tinydist.loop.tracking import RunLog
 from tinydist.loop.triggers import Triggers
+from tinydist.loop.validation import validate
 from tinydist.model.build import check_first_step
-from tinydist.model.ema import ModelEma
 from tinydist.model.optim import lr_at, set_lr
-from tinydist.model.precise_bn import recompute_bn_statistics
 from tinydist.runtime import cli
 from tinydist.runtime.divergence import DivergedError, DivergenceGuard
 from tinydist.runtime.exitcodes import EXIT_OK, EXIT_PREEMPTED, TransientError
@@ -154,19 +146,10 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
             if triggers.should_eval(run.step):
                 with phases.timed("validation"):
                     metrics = validate(run, runlog, say)
-            if tiers.lose_local(local_lost) or triggers.should_save(run.step, stopping, clock_due):
-                try:
-                    with phases.timed("saves"):
-                        save(run, tiers, clock, runlog.run_id, metrics, blocking=stopping or run.step == run.last_step)
-                except StorageFullError as e:
-                    if stopping:  # nothing saved to stop after: the launcher must back off, not hurry
-                        raise TransientError(f"stopping after {stop.signal_name}, but the checkpoint could not be "
-                                             f"saved ({e}); a relaunch resumes from the last commit") from e
-                    say("warning: no final checkpoint (the disk is full, see above); exporting the model anyway")
-                runlog.flush()
-            elif tiers.local_due(run.step):  # this machine's local tier: lose at most a step to a crash
-                with phases.timed("saves"):
-                    save(run, tiers, clock, runlog.run_id, metrics, blocking=False, durable=False)
+            durable_due = tiers.lose_local(local_lost) or triggers.should_save(run.step, stopping, clock_due)
+            with phases.timed("saves"):
+                save_after_step(run, tiers, clock, runlog, metrics, durable_due=durable_due, stopping=stopping,
+                                signal_name=stop.signal_name, say=say)
             if stopping:
                 runlog.event("preempted", run.step, signal=stop.signal_name)
                 say(f"stopped at step {run.step} after {stop.signal_name}; checkpoint committed, exit {EXIT_PREEMPTED}")
@@ -260,61 +243,6 @@ def _forward(run: Run, inputs: torch.Tensor, micro: Ready) -> tuple[torch.Tensor
         return logits, soft_cross_entropy(logits, targets)
     logits = run.model(inputs)
     return logits, F.cross_entropy(logits, micro.labels, label_smoothing=smoothing)
-
-
-def _silent(_: str) -> None:
-    pass
-
-
-def validate(run: Run, runlog: Optional[RunLog] = None, say: Callable[[str], None] = _silent) -> dict[str, float]:
-    """Validation metrics of the raw weights and/or their average (`eval.weights`), each with BN statistics
-    for its own weights: the model's synchronised ones, then PreciseBN's (`eval.precise_bn_images`). One
-    pass over the validation images scores them all: each batch is gathered and transformed once.
-    Logged to `runlog` and said when given."""
-    sync_buffers(run)
-    cfg, accelerator = run.cfg, run.accelerator
-    reduce_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
-    scored: dict[str, torch.nn.Module] = {}
-    if cfg.eval.weights != "ema" or run.ema is None:
-        scored["val"] = run.bare_model
-    if run.ema is not None and cfg.eval.weights != "raw":
-        run.ema.take_buffers(run.bare_model)
-        scored["val_ema"] = run.ema.module
-    for module in scored.values():
-        if cfg.eval.precise_bn_images:
-            recompute_bn_statistics(module, run.train_data, cfg.eval.precise_bn_images, cfg.train.seed, run.device,
-                                    run.world, run.rank, reduce_sum, cfg.model.channels_last, accelerator.autocast)
-    (first, model), *others = scored.items()
-    metrics = evaluate(model, run.val_data, cfg.train.eval_batch_size, run.device, run.world, run.rank, reduce_sum,
-                       cfg.model.channels_last, accelerator.autocast, cfg.eval.flip_tta, first, also=dict(others))
-    if runlog is not None:
-        runlog.log(metrics, run.step)
-    say(describe_validation(run, metrics))
-    return metrics
-
-
-def finish(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema: Optional[ModelEma], step: int,
-           metrics: dict[str, float], classes: list[str], main_process: bool, say: Callable[[str], None],
-           phases: Optional[Phases] = None) -> int:
-    """The run's last phase, idempotent: export the model (main process) unless the export in place is
-    already exactly this one. Rerun on a finished run, it completes a missing or partial export. Its
-    line ends with where the wall time went (`phases`, when given)."""
-    phases = phases or Phases()
-    if main_process:
-        began = time.perf_counter()
-        module, provenance = exported_weights(cfg, checkpointer, model, ema, step, metrics)
-        model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
-        names, curves = class_names(cfg.data, classes), curves_png(cfg.train.output_dir)
-        wrote = retry_storage(lambda: export_if_changed(module, model_url, cfg.checkpoint.max_shard_size, cfg=cfg,
-                                                        classes=classes, class_names=names, provenance=provenance,
-                                                        curves_png=curves),
-                              f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
-                              retry_s=cfg.checkpoint.retry_s, log=say)
-        phases.spent["export"] += time.perf_counter() - began
-        say(f"done: step {step}; model in {model_url} ({provenance['weights']} weights of the "
-            f"{provenance['selected']} checkpoint, step {provenance['step']})"
-            + ("" if wrote else "; it was already complete and current, left as it was") + f"; {phases.describe()}")
-    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

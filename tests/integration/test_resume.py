@@ -99,14 +99,15 @@ if mode in ("transform", "double"):
     train.augment = train_transform
 
 if mode == "eval":
-    original_evaluate = train.evaluate
+    import tinydist.loop.validation as validation
+    original_evaluate = validation.evaluate
 
     def evaluate(*args, **kwargs):
         if state["sent"] == 0:
             send(sig, "during evaluation")
         return original_evaluate(*args, **kwargs)
 
-    train.evaluate = evaluate
+    validation.evaluate = evaluate
 
 original_save = Checkpointer.save
 

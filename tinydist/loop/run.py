@@ -32,11 +32,9 @@ from tinydist.data.cache import ImageCache, load_train_val
 from tinydist.data.mix import mix_enabled
 from tinydist.data.prefetch import Prefetcher, Ready
 from tinydist.data.sampler import GlobalSampler
-from tinydist.loop.cadence import SaveClock
 from tinydist.model.build import BNStatistics, build_model
 from tinydist.model.ema import ModelEma
 from tinydist.model.optim import apply_hyperparameters, build_optimizer
-from tinydist.runtime.divergence import finite_or_none
 from tinydist.runtime.exitcodes import EXIT_PREEMPTED, TransientError
 from tinydist.runtime.peers import Peers
 from tinydist.runtime.preempt import StopFlag
@@ -268,29 +266,3 @@ def sync_buffers(run: Run) -> None:
     if run.world > 1:
         for buffer in run.bare_model.buffers():
             torch.distributed.broadcast(buffer, src=0)
-
-
-def save(run: Run, tiers: Tiers, clock: SaveClock, wandb_run_id: Optional[str], metrics: dict[str, float],
-         blocking: bool, durable: bool = True) -> None:
-    """A checkpoint of step `run.step`, durable or (`durable` False) in the local tier only; in the
-    background unless `blocking` (a stop, the last step)."""
-    sync_buffers(run)
-    cfg, step = run.cfg, run.step
-    started = time.perf_counter()
-    sets = {"model": run.bare_model, "optimizer": run.optimizer.optimizer, "ema": run.ema and run.ema.module}
-    state = TrainState(step=step, epoch=run.sampler.epoch_at(step), samples=step * cfg.train.global_batch_size,
-                       global_batch_size=cfg.train.global_batch_size, config=config_lib.to_dict(cfg),
-                       device=run.device.type, wandb_run_id=wandb_run_id, metrics=finite_or_none(metrics),
-                       run_id=tiers.local and tiers.local.run_id)
-    tiers.save(step, sets, state, durable=durable, blocking=blocking)
-    if durable:
-        clock.saved(time.perf_counter() - started)
-
-
-def describe_validation(run: Run, metrics: dict[str, float]) -> str:
-    """The line a validation prints: top-1, top-5 and loss of the weights and of their average."""
-    flip = run.cfg.eval.flip_tta
-    return f"step {run.step} epoch {run.sampler.epoch_at(run.step):.2f}: " + "; ".join(
-        f"{p} top-1 {metrics[p + '/top1']:.4f} top-5 {metrics[p + '/top5']:.4f} loss {metrics[p + '/loss']:.4f}"
-        + (f" (flip TTA top-1 {metrics[p + '/top1_flip']:.4f})" if flip else "")
-        for p in ("val", "val_ema") if p + "/top1" in metrics)
