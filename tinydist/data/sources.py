@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -270,16 +271,32 @@ def _files_dataset(root: str, files: list[str], labels: list[int], features: Any
     return datasets.Dataset(ds.data, info=ds.info, fingerprint=stamp.hexdigest()[:16])
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) with values 0..16, labels) from the file scikit-learn ships, read as its
+    `load_digits` reads it, without importing scikit-learn: that import alone is 2 s of every run's
+    start on the smoke recipe. Found by its package's location (find_spec runs no package code)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.source `digits` reads the digits that scikit-learn ships: pip install scikit-learn")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+    if not os.path.isfile(path):  # a scikit-learn that keeps them elsewhere: let it say where
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 @functools.lru_cache(maxsize=1)  # asked for once per split: build (and PNG-encode) it once per process
 def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
     """scikit-learn's 1,797 handwritten digits (shipped inside scikit-learn, so no download) as a
     Tiny-ImageNet-shaped dataset: 64x64 grayscale PNGs, 10 classes, splits `train` and `valid`."""
     import datasets
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    values, target = _digits_arrays()
+    pixels = (values * (255.0 / 16.0)).round().astype(np.uint8)
     images = [Image.fromarray(p, mode="L").resize((64, 64), Image.BILINEAR) for p in pixels]
     order = np.random.default_rng(0).permutation(len(images))
     n_val = int(len(images) * val_fraction)
@@ -289,6 +306,6 @@ def digits_dataset(val_fraction: float = 1 / 6) -> dict[str, Any]:
     def split(idx: np.ndarray) -> Any:
         idx = np.sort(idx)
         return datasets.Dataset.from_dict(
-            {"image": [images[i] for i in idx], "label": digits.target[idx].tolist()}, features=features)
+            {"image": [images[i] for i in idx], "label": target[idx].tolist()}, features=features)
 
     return {"train": split(order[n_val:]), "valid": split(order[:n_val])}

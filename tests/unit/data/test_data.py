@@ -522,3 +522,19 @@ def test_cli_errors_go_through_cli_run(tmp_path, capsys, monkeypatch):
     assert data.main(["--help", "--data.image_size=0"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("usage: python -m tinydist.data --config FILE") and err == ""
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    """The smoke source reads the file scikit-learn ships (its import is 2 s of every smoke run's start):
+    the same images and labels as `load_digits`, in a process that never imports sklearn."""
+    probe = ("import sys, json; from tinydist.data.sources import _digits_arrays; x, y = _digits_arrays(); "
+             "print(json.dumps([x.tolist(), y.tolist(), 'sklearn' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    images, labels, imported = json.loads(done.stdout)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert not imported
+    assert np.array_equal(np.array(images), digits.images) and np.array_equal(np.array(labels), digits.target)
+    assert np.array(images).shape == (1797, 8, 8) and sorted(set(labels)) == list(range(10))
