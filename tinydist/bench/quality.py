@@ -330,6 +330,9 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     times: list[dict[str, float]] = []
     floors: list[float] = []
     steps = 0
+    # Untimed: a process's first steps pay for its kernels' first use (oneDNN primitives, the allocator's
+    # pools), ~1 s here, which would otherwise land on whichever side runs first (tinydist, seed 0).
+    bare_floor_seconds(cfg, 3, 10, device)
     for seed in seeds:
         for variant in opts.variants:
             t0 = time.perf_counter()
