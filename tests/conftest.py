@@ -14,6 +14,7 @@ or injected faults; `pytest -m "not slow"` is the fast loop.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -28,6 +29,9 @@ from helpers.faultinject import aws_test_env, moto_server
 # import, and collecting the test modules imports them (the checkpoint layout uses huggingface_hub). Set
 # later, the hub is not offline for them: each hub test then retried a dead network for ~23 s.
 _HOME = tempfile.mkdtemp(prefix="tinydist-tests-home-")
+# Removed when this process exits: under xdist the controller loads this file too but runs no session
+# fixture, and left its folder behind on every `-n 2` run.
+atexit.register(shutil.rmtree, _HOME, True)
 os.environ.update({
     "HF_HOME": os.path.join(_HOME, "hf"),  # datasets' cache: never the user's
     "HF_HUB_OFFLINE": "1",  # the hub is unreachable here; fail fast instead of retrying
@@ -41,7 +45,7 @@ os.environ.update({
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_environment() -> Iterator[None]:
-    """The environment above for the whole session; its home folder removed at the end."""
+    """The environment above for the whole session; its home folder removed at the end (and at exit)."""
     yield
     shutil.rmtree(_HOME, ignore_errors=True)
 
