@@ -245,11 +245,16 @@ def table(results: dict[str, list[float]], seeds: Sequence[int],
             continue
         gaps = [100 * (a - b) for a, b in zip(accs, base)]
         gap, spread = mean_spread(gaps)
-        noise = 2 * spread / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+        per_seed = ", ".join(f"{g:+.2f}" for g in gaps)
+        if len(gaps) < 2:  # no spread to judge a gap by: say so rather than call it a lead
+            lines.append(f"paired: {name} - torchvision = {gap:+.2f} points top-1 over 1 seed: no verdict "
+                         "(run --seeds 0 1 2 for one)")
+            continue
+        noise = 2 * spread / math.sqrt(len(gaps))
         word = ("costs no accuracy measurable here" if abs(gap) <= noise or abs(gap) < 0.25 else
                 "trails" if gap < 0 else "leads")
         lines.append(f"paired: {name} - torchvision = {gap:+.2f} points mean top-1 over {len(gaps)} seed(s) "
-                     f"(per-seed gaps {', '.join(f'{g:+.2f}' for g in gaps)}; 2 s.e. {noise:.2f}): {name} {word}")
+                     f"(per-seed gaps {per_seed}; 2 s.e. {noise:.2f}): {name} {word}")
     if base is not None and "tinydist" in results and walls:
         lines.append(verdict_line(results["tinydist"], base, walls["tinydist"], walls["torchvision"]))
     return lines

@@ -95,6 +95,10 @@ def test_table_and_verdict_line_arithmetic():
     assert lines[-1] == "quality: tinydist 85.80 ± 0.70 vs plain loop 85.90 ± 0.26 -> -0.10 points; wall ratio 0.50"
     gap = re.search(r"= ([+-]\d+\.\d+) points", lines[-2])
     assert lines[-2].startswith("paired: tinydist") and gap and float(gap.group(1)) == pytest.approx(-0.1)
+    assert lines[-2].endswith("tinydist costs no accuracy measurable here")  # 2 s.e. of the gaps (-0.5, -0.3, +0.5): 0.61 > 0.1
+    single = table({"tinydist": [0.9], "torchvision": [0.8]}, [0])
+    assert single[-1] == "paired: tinydist - torchvision = +10.00 points top-1 over 1 seed: no verdict " \
+                         "(run --seeds 0 1 2 for one)"  # one seed has no spread: a gap is not a lead
     one = verdict_line([0.5], [0.25], [3.0], [4.0])
     assert one == "quality: tinydist 50.00 ± 0.00 vs plain loop 25.00 ± 0.00 -> +25.00 points; wall ratio 0.75"
 
