@@ -45,7 +45,7 @@ def bench_resume(tmp: str, quick: bool, device: torch.device) -> None:
     optimizer = build_optimizer(cfg.optim, model)
     create_momentum(model, optimizer)
     for step in (start, late):
-        # The meta loop/run.py's save() writes (the learning rate is a function of the step: nothing to save).
+        # The meta loop/saving.py's save() writes (the learning rate is a function of the step: nothing to save).
         meta = {"epoch": sampler.epoch_at(step), "samples": step * cfg.train.global_batch_size,
                 "global_batch_size": cfg.train.global_batch_size, "device": "cpu",
                 "config": config_lib.to_dict(cfg), "wandb_run_id": None}

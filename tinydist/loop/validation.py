@@ -7,13 +7,9 @@ from typing import Callable, Optional
 import torch
 
 from tinydist.loop.evaluate import evaluate
-from tinydist.loop.run import Run, sync_buffers
+from tinydist.loop.run import Run, _silent, sync_buffers
 from tinydist.loop.tracking import RunLog
 from tinydist.model.precise_bn import recompute_bn_statistics
-
-
-def _silent(_: str) -> None:
-    pass
 
 
 def validate(run: Run, runlog: Optional[RunLog] = None, say: Callable[[str], None] = _silent) -> dict[str, float]:
