@@ -65,6 +65,15 @@ def local_tier(shm: str, run_id: str, lines: list[str], every: int = 1) -> Local
     return LocalTier(shm, run_id, every, writer=True, max_shard_size="10MB", log=lines.append)
 
 
+def promoted_tiers(durable: Checkpointer, local: LocalTier, lines: list[str], world_size: int = 1,
+                   max_outage_s: float = 30.0, retry_s: float = 0.05) -> tuple[Promoter, Tiers]:
+    """Both tiers as a run wires them: each local commit handed to the copier into `durable`."""
+    promoter = Promoter(local.checkpointer, durable, world_size=world_size, lease=None, log=lines.append,
+                        max_outage_s=max_outage_s, retry_s=retry_s)
+    local.checkpointer.on_commit = promoter.committed
+    return promoter, Tiers(durable, local, promoter, log=lines.append)
+
+
 def test_the_local_tier_keeps_two_and_wins_over_an_older_durable_checkpoint(tmp_path, shm):
     cfg, lines = config(tmp_path), []
     model, optimizer = model_and_optimizer()
@@ -133,10 +142,7 @@ def test_a_durable_save_is_a_verified_copy_of_the_local_one(tmp_path, shm):
     durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append, world_size=1)
     run_id = run_identity(durable.storage, fresh=True)
     local = local_tier(shm, run_id, lines)
-    promoter = Promoter(local.checkpointer, durable, world_size=4, lease=None, log=lines.append,
-                        max_outage_s=30.0, retry_s=0.1)
-    local.checkpointer.on_commit = promoter.committed
-    tiers = Tiers(durable, local, promoter, log=lines.append)
+    promoter, tiers = promoted_tiers(durable, local, lines, world_size=4, max_outage_s=30.0, retry_s=0.1)
     sets = {"model": model, "optimizer": optimizer}
     tiers.save(3, sets, state(cfg, 3, run_id), durable=False, blocking=False)
     tiers.save(4, sets, state(cfg, 4, run_id), durable=True, blocking=False)
@@ -228,10 +234,7 @@ def test_a_durable_tier_that_fails_never_holds_the_local_tier_and_its_copy_lands
     durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append)
     run_id = run_identity(durable.storage, fresh=True)
     local = local_tier(shm, run_id, lines)
-    promoter = Promoter(local.checkpointer, durable, world_size=1, lease=None, log=lines.append,
-                        max_outage_s=60.0, retry_s=0.05)
-    local.checkpointer.on_commit = promoter.committed
-    tiers = Tiers(durable, local, promoter, log=lines.append)
+    promoter, tiers = promoted_tiers(durable, local, lines, world_size=1, max_outage_s=60.0, retry_s=0.05)
     write, failures = durable.storage.write, []
 
     def bucket_down(name: str, data: object) -> None:
@@ -264,10 +267,7 @@ def test_a_durable_tier_down_past_max_outage_stops_the_run_with_a_transient_faul
     model, optimizer = model_and_optimizer()
     durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append)
     local = local_tier(shm, "r", lines)
-    promoter = Promoter(local.checkpointer, durable, world_size=1, lease=None, log=lines.append,
-                        max_outage_s=0.3, retry_s=0.05)
-    local.checkpointer.on_commit = promoter.committed
-    tiers = Tiers(durable, local, promoter, log=lines.append)
+    promoter, tiers = promoted_tiers(durable, local, lines, world_size=1, max_outage_s=0.3, retry_s=0.05)
 
     def bucket_gone(name: str, data: object) -> None:
         raise StorageError(f"writing {name}: connection refused")
