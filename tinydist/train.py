@@ -120,7 +120,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 runlog.log({"resume/lost_steps": run.resumed["lost_steps"]}, run.step)
 
         # The loop: steps, then what the triggers ask for; the stop flag and the divergence guard.
-        triggers = Triggers(cfg, run.sampler.epoch_at, run.last_step)
+        triggers = Triggers.for_run(run, say)
         console.start_progress(total=run.last_step, start=run.step)  # a live bar in a terminal, a log line per 30 s
         run.start_loop()
         phases.until_now("start-up")

@@ -183,6 +183,9 @@ def validate(cfg: Config) -> None:
     if cfg.eval.every_epochs < 0:
         raise ConfigError(f"bad value for `eval.every_epochs`: {cfg.eval.every_epochs!r}; expected a number of epochs "
                           ">= 0 (0 = validate at the last step and train.eval_every_steps only)")
+    if not 0 <= cfg.eval.max_share <= 1:
+        raise ConfigError(f"bad value for `eval.max_share`: {cfg.eval.max_share!r}; expected a fraction of the run's "
+                          "compute in [0, 1], e.g. 0.1 (0 = validate at every eval.every_epochs-th epoch end)")
     if cfg.eval.weights == "ema" and not cfg.ema.enabled:
         raise ConfigError("eval.weights=ema but ema.enabled=false; set --ema.enabled=true or --eval.weights=both")
     scored = {"both": ("val/", "val_ema/"), "ema": ("val_ema/",), "raw": ("val/",)}[cfg.eval.weights]

@@ -124,6 +124,11 @@ class EvalConfig:
     # Validate at every this many epoch ends (besides the last step and train.eval_every_steps); 0 = at none:
     # each validation costs PreciseBN plus a pass over the val images, a share of a short run's wall time.
     every_epochs: int = 1
+    # Most of the run's compute its validations may take, estimated from image counts (a training image ~3
+    # forward passes; a validation: PreciseBN's images + the val images, x2 with flip TTA, per set of weights):
+    # epoch-end validations are spaced out evenly to stay within it; the last step's always runs. 0 = no limit.
+    # 0.1: ~5% of the wall time measured on a 2-core CPU, where a validation image costs ~1/5 of a training one.
+    max_share: float = 0.1
     # Which weights a validation scores, in one pass over the images (each batch loaded once): `both` (raw
     # and EMA when ema.enabled), `ema` (the average only: one forward per batch) or `raw`.
     weights: str = "both"

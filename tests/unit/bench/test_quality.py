@@ -114,9 +114,10 @@ def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
     assert 0 < seconds < 600
     times = [{"time/wall_s": 12.0, "time/data_s": 1.0, "time/startup_s": 1.0, "time/validation_s": 2.0,
               "time/saves_s": 0.5, "time/export_s": 0.5, "time/steps_s": 7.0}]
-    line = floor_line(times, [5.0], 40)
-    assert line.startswith("floor: tinydist end-to-end 12.0 s vs bare loop 5.0 s (40 steps on pre-made tensors) -> "
-                           "ratio 2.40 (goal <= 1.08)"), line
+    line = floor_line(times, [(4.0, 6.0)], 40, cache_s=3.0)  # the floor: the mean of the samples around the run
+    assert line.startswith("floor: tinydist end-to-end 12.0 s vs bare loop 5.0 s (40 steps on pre-made tensors, "
+                           "2 samples 4.0-6.0 s around the runs) -> ratio 2.40 (goal <= 1.08; with the decode cache "
+                           "built by the run, as on a fresh machine: 3.00)"), line
     assert "validation 2.0 s (17%)" in line and "steps 7.0 s = 1.40 x floor" in line, line
 
 
@@ -165,6 +166,9 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
             "EMA half-life 0.2 of the run; PreciseBN 256 images;") in out, out
     assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+; data [\d.]+ s, .*"
                      r"validation [\d.]+ s, saves [\d.]+ s, .*steps [\d.]+ s\)$", out, re.M), out
-    assert re.search(r"^floor: tinydist end-to-end [\d.]+ s vs bare loop [\d.]+ s \(8 steps", out, re.M), out
+    assert re.search(r"^decode cache: [\d.]+ s before the timed runs", out, re.M), out  # built here: a fresh cache_dir
+    assert re.search(r"^  floor seed 0: 8 bare steps [\d.]+ s before, [\d.]+ s after$", out, re.M), out
+    assert re.search(r"^floor: tinydist end-to-end [\d.]+ s vs bare loop [\d.]+ s \(8 steps on pre-made tensors, "
+                     r"2 samples", out, re.M), out
     assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points",
                      out, re.M), out

@@ -158,6 +158,7 @@ def test_wrong_type_in_a_recipe(tmp_path):
     (["--data.crop_scale=[0.5,0.2]"], "`data.crop_scale`"),
     (["--model.extra_fc=-1"], "`model.extra_fc`"),
     (["--optim.lr=0"], "`optim.lr`"),
+    (["--eval.max_share=5"], "`eval.max_share`: 5.0; expected a fraction of the run's compute in [0, 1]"),
 ])
 def test_values_a_type_cannot_check(argv, fragment):
     assert fragment in error(argv)

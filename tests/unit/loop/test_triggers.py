@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tinydist.config import Config
 from tinydist.data.sampler import GlobalSampler
-from tinydist.loop.triggers import Triggers
+from tinydist.loop.triggers import Triggers, validation_every_epochs, validation_share
 
 
 def test_each_trigger_fires_exactly_where_the_config_says() -> None:
@@ -39,3 +41,27 @@ def test_eval_every_epochs_thins_the_epoch_end_validations() -> None:
     assert [s for s in range(1, 131) if triggers.should_save(s, False, False)] == [25, 50, 75, 100, 125, 130]
     cfg.eval.every_epochs = 0
     assert [s for s in range(1, 131) if triggers.should_eval(s)] == [130]
+
+
+def test_eval_max_share_spaces_validations_out_by_their_estimated_cost() -> None:
+    cfg = Config()
+    cfg.train.epochs, cfg.eval.every_epochs, cfg.eval.precise_bn_images, cfg.eval.flip_tta = 3, 1, 1000, False
+    cfg.ema.enabled, cfg.eval.weights, cfg.eval.max_share = False, "both", 0.1
+    # One validation: 1000 PreciseBN images + 1000 val images = 2000 forwards, against 3 x 10000 x 3 epochs.
+    assert validation_share(cfg, 10_000, 1_000) == pytest.approx(2000 / 90_000)
+    assert validation_every_epochs(cfg, 10_000, 1_000) == 1  # 4 fit in 10%: every epoch end, as configured
+    cfg.ema.enabled = True  # two sets of weights: 4000 forwards each, 2 fit -> every 2 epochs (of 3)
+    assert validation_every_epochs(cfg, 10_000, 1_000) == 2
+    cfg.eval.flip_tta = True  # 6000 each: one fits -> the last step's only
+    assert validation_every_epochs(cfg, 10_000, 1_000) == 3
+    cfg.eval.weights = "ema"  # one set again, flipped: 3000 -> 3 fit
+    assert validation_every_epochs(cfg, 10_000, 1_000) == 1
+    cfg.eval.max_share, cfg.eval.weights = 0.0, "both"  # no limit: as configured
+    assert validation_every_epochs(cfg, 10_000, 1_000) == 1
+    cfg.eval.every_epochs = 0  # none at epoch ends stays none
+    cfg.eval.max_share = 0.1
+    assert validation_every_epochs(cfg, 10_000, 1_000) == 0
+
+    sampler = GlobalSampler(num_samples=1000, global_batch=40, micro_batch=8)  # 25 steps per epoch exactly
+    triggers = Triggers(cfg, sampler.epoch_at, last_step=130, eval_every_epochs=2)  # wins over eval.every_epochs
+    assert [s for s in range(1, 131) if triggers.should_eval(s)] == [50, 100, 130]
