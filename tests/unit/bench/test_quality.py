@@ -116,8 +116,8 @@ def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
               "time/saves_s": 0.5, "time/export_s": 0.5, "time/steps_s": 7.0}]
     line = floor_line(times, [(4.0, 6.0)], 40, cache_s=3.0)  # the floor: the mean of the samples around the run
     assert line.startswith("floor: tinydist end-to-end 12.0 s vs bare loop 5.0 s (40 steps on pre-made tensors, "
-                           "2 samples 4.0-6.0 s around the runs) -> ratio 2.40 (goal <= 1.08; with the decode cache "
-                           "built by the run, as on a fresh machine: 3.00)"), line
+                           "2 samples 4.0-6.0 s around the runs) -> ratio 2.40 (per run 2.40; goal <= 1.08; with the "
+                           "decode cache built by the run, as on a fresh machine: 3.00)"), line
     assert "validation 2.0 s (17%)" in line and "steps 7.0 s = 1.40 x floor" in line, line
 
 
