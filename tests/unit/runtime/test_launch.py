@@ -139,7 +139,10 @@ SIGNALLED_TRAINER = """
         time.sleep(0.02)
     time.sleep(0.3)
     with open(os.path.join(out, f"got{rank}"), "w") as f:
-        f.write(",".join(sorted(set(got))))  # a process may hear it twice: directly and forwarded
+        # The first signal is the one that stopped it. Later ones are no news: the same one forwarded
+        # by the launcher, or SIGTERM from torchrun's agent, which stops the rest of the group as soon
+        # as one rank has exited (75 is not 0 to it) -- under load, before this one woke up to write.
+        f.write(got[0] if got else "")
     record_exit_code(75 if got else 1)
     sys.exit(75 if got else 1)
 """
