@@ -100,4 +100,15 @@ def make_photo_source(folder: str, photos_from: Optional[str] = None, train: int
             labels.append(label)
         splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     datasets.DatasetDict(splits).save_to_disk(folder)
-    return f"{folder}: {proxy}, {len(names)} photos ({', '.join(names)}), {train} train / {val} valid patches"
+    line = f"{folder}: {proxy}, {len(names)} photos ({', '.join(names)}), {train} train / {val} valid patches"
+    if not _has_scikit_image():  # the same name, a smaller set: figures made with it are not comparable
+        line += "; scikit-image is not installed, so most of the proxy's photos are missing (pip install -e '.[bench]')"
+    return line
+
+
+def _has_scikit_image() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
