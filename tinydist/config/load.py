@@ -177,6 +177,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bad value for `ema.decay` / `ema.warmup_power`: {cfg.ema.decay!r} / "
                           f"{cfg.ema.warmup_power!r}; expected 0 < decay < 1 (or null: from ema.half_life) and "
                           "warmup_power >= 0")
+    if cfg.ema.update_every is not None and not (isinstance(cfg.ema.update_every, int) and cfg.ema.update_every >= 1):
+        raise ConfigError(f"bad value for `ema.update_every`: {cfg.ema.update_every!r}; expected a whole number of "
+                          "optimizer steps >= 1, or null (from ema.half_life)")
     if not 0 < cfg.ema.half_life <= 1:
         raise ConfigError(f"bad value for `ema.half_life`: {cfg.ema.half_life!r}; expected a fraction of the run's "
                           "steps in (0, 1], e.g. 0.1 (ema.decay, when set, wins over it)")

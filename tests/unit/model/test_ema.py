@@ -87,3 +87,50 @@ def test_bad_half_life_or_decay_is_one_line(override: str, says: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(["--ema.enabled=true", override])
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_update_every_comes_from_the_half_life_unless_set() -> None:
+    from tinydist.config import ema_decay, ema_update_every
+
+    def every(total: int, **kw) -> int:
+        cfg = EmaConfig(enabled=True, **kw)
+        return ema_update_every(cfg, ema_decay(cfg, total))
+
+    # half-lives of 0.2 x 94 (photos10, 3 epochs), 235 (smoke), 563 (12k photos), 19,500 steps (main recipe)
+    assert [every(t) for t in (94, 235, 563, 19_500)] == [1, 2, 5, 10]
+    assert every(10, decay=0.9998) == 10 and every(10, decay=0.9) == 1  # a named decay: its own half-life
+    assert every(563, update_every=3) == 3 and every(19_500, update_every=1) == 1  # set: as set
+
+
+def test_averaging_every_k_steps_is_the_per_step_average_where_the_weights_hold_still() -> None:
+    """With the weights changed only where a stretch of k steps begins, the per-step average and the one
+    updated once per stretch (decays compounded) agree; in between the average does not move; the
+    schedule's last step updates it though it ends no stretch (10 steps, k = 4: after steps 3, 7, 9)."""
+    model = small_model()
+    per_step = ModelEma(model, EmaConfig(enabled=True, half_life=0.3, update_every=1), total_steps=10)
+    every_4 = ModelEma(model, EmaConfig(enabled=True, half_life=0.3, update_every=4), total_steps=10)
+    assert per_step.decay == every_4.decay and every_4.every == 4
+    moved = []
+    for step in range(10):
+        if step % 4 == 0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * (step + 1))
+        before = [p.clone() for p in every_4.module.parameters()]
+        per_step.update(step)
+        every_4.update(step)
+        if any(not torch.equal(a, b) for a, b in zip(before, every_4.module.parameters())):
+            moved.append(step)
+        if step in (3, 7, 9):
+            for a, b in zip(per_step.module.parameters(), every_4.module.parameters()):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert moved == [3, 7, 9]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5"])
+def test_bad_update_every_is_one_line(value: str) -> None:
+    from tinydist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(["--ema.enabled=true", f"--ema.update_every={value}"])
+    assert "ema.update_every" in str(e.value) and value in str(e.value) and "\n" not in str(e.value)
