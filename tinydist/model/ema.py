@@ -13,7 +13,7 @@ the step, whatever the world size (docs/design.md, principles 1, 2). The average
 decays of the steps in between compounded, and after the schedule's last step: a pure function of the
 step, so resumed and uninterrupted runs hold the same average, and what reads it (a validation, a save,
 the export) sees it as of the last update, at most update_every - 1 steps old. The update reads and writes
-every parameter twice, ~1.5% of a step on a CPU; averaging every few steps costs a fraction of that
+every parameter twice, ~2.5% of a step on 2 CPU cores; averaging every few steps costs a fraction of that
 (ema-pytorch's `update_every`, Composer's `update_interval`).
 BN running statistics are not averaged: under DDP each rank's differ until they are synchronised,
 and averaged statistics would not belong to the averaged weights anyway. They are set for the
