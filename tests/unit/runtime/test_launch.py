@@ -150,15 +150,26 @@ SIGNALLED_TRAINER = """
 EXIT_TRAINER = """
     # Stand-in training program: records and exits with RANK_CODES[rank] (or CODE), as
     # tinydist/train.py's main() does; leaves the launcher's environment in STUB_DIR/env<rank>.
-    import json, os, sys
+    # Every rank records its code before any exits: once one rank has exited, torchrun's agent
+    # SIGTERMs the rest, and under load that came before the slower rank's record (CI failed on
+    # it: 75 where the crash's 3 was meant). The launcher's choice between codes that were all
+    # recorded is what is under test.
+    import json, os, sys, time
     from tinydist.runtime.launch import record_exit_code
+    stub_dir = os.environ["STUB_DIR"]
     codes = os.environ.get("RANK_CODES", "").split(",")
     rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     code = int(codes[rank]) if codes[0] else int(os.environ["CODE"])
-    with open(os.path.join(os.environ["STUB_DIR"], f"env{rank}"), "w") as f:
+    with open(os.path.join(stub_dir, f"env{rank}"), "w") as f:
         json.dump({k: os.environ.get(k)
                    for k in ("TINYDIST_EXIT_DIR", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}, f)
     record_exit_code(code)
+    open(os.path.join(stub_dir, f"recorded{rank}"), "w").close()
+    deadline = time.monotonic() + 60
+    while (not all(os.path.exists(os.path.join(stub_dir, f"recorded{r}")) for r in range(world))
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
     sys.exit(code)
 """
 
