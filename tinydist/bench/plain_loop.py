@@ -1,10 +1,11 @@
 """`bench quality`'s other side: the plain per-image torchvision/DataLoader loop a user would write by hand
 (PIL decode per item, RandomResizedCrop(antialias=True), flip, ToTensor, Normalize; plain cross-entropy on
-hard labels; BN statistics from every forward), on the same data rows, micro-batches, model, optimizer,
-schedule and seed as tinydist's run."""
+hard labels; BN statistics from every forward; torchvision's initialisation), on the same data rows,
+micro-batches, model, optimizer, schedule and seed as tinydist's run."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from typing import Any, Optional
@@ -30,8 +31,10 @@ def baseline_setup(cfg: config_lib.Config, train_rows: int, seed: int) -> tuple[
 
 
 def _model(cfg: config_lib.Config, num_classes: int, seed: int) -> tuple[Any, Any]:
-    torch.manual_seed(seed)  # as train.py: the same initial weights as tinydist's run of this seed
-    model = build_model(cfg.model, num_classes)
+    torch.manual_seed(seed)  # as train.py: the same initial weights as tinydist's run of this seed...
+    # ...but for the residual BN scales: a hand-written loop's `resnet18(num_classes=n)` starts them at 1
+    # (torchvision's default), where tinydist's recipe starts them at 0 (model.zero_init_residual).
+    model = build_model(dataclasses.replace(cfg.model, zero_init_residual=False), num_classes)
     model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     return model, build_optimizer(cfg.optim, model)
 

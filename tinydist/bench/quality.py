@@ -28,7 +28,8 @@ The baseline stays bare, as a plain loop is: it decodes the source's own images 
 RandomResizedCrop(size, scale=crop_scale, antialias=True), RandomHorizontalFlip (if data.hflip),
 ToTensor, Normalize; eval Resize(size) + CenterCrop(size) (bench/plain_loop.py); batches = the same GlobalSampler
 micro-batches, BN statistics updated by every forward, plain cross-entropy on hard labels (no label
-smoothing: a hand-written loop's `nn.CrossEntropyLoss()`), no mixing, no EMA, no PreciseBN.
+smoothing: a hand-written loop's `nn.CrossEntropyLoss()`), no mixing, no EMA, no PreciseBN, torchvision's
+initialisation (residual BN scales at 1; tinydist's `model.zero_init_residual` starts them at 0).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def recipe_line(cfg: config_lib.Config) -> str:
     precise = f"{cfg.eval.precise_bn_images} images" if cfg.eval.precise_bn_images else "off"
     return (f"tinydist: train() as configured (train_step, validate, saves, export): mix {mix}; EMA {ema}; "
             f"PreciseBN {precise}; eval.weights {cfg.eval.weights}; flip TTA {cfg.eval.flip_tta}; "
-            f"label smoothing {cfg.optim.label_smoothing:g}; top-1 of export.weights={cfg.export.weights} "
+            f"label smoothing {cfg.optim.label_smoothing:g}; zero-init residual {cfg.model.zero_init_residual}; "
+            f"top-1 of export.weights={cfg.export.weights} "
             f"({top1_key(cfg)}); torchvision: plain loop, none of these")
 
 

@@ -1,4 +1,5 @@
-"""resnet18 for 64x64 inputs, with torchvision's key names so plain torchvision loads the weights; the BN
+"""resnet18 for 64x64 inputs, with torchvision's key names so plain torchvision loads the weights (its
+residual blocks optionally starting as the identity: `model.zero_init_residual`); the BN
 rule (`BNStatistics`: only a step's first micro-batch updates the running statistics), the parameters
 kept from weight decay (`no_decay`), and the step-0 guard against a softmax before the loss."""
 
@@ -16,7 +17,7 @@ from tinydist.runtime.exitcodes import PermanentError
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model returns logits: nothing applies softmax before the loss (the seed report's bug)."""
-    model = resnet18(num_classes=num_classes)
+    model = resnet18(num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
     if cfg.stem == "cifar":
         # At 64x64 the ImageNet stem (7x7/2 conv + pool) throws away 15/16 of the pixels before the
         # first block; a 3x3/1 stem keeps them (about 65% vs 53% top-1: the anchors in README.md's recipe table).
