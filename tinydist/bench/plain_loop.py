@@ -33,7 +33,7 @@ def baseline_setup(cfg: config_lib.Config, train_rows: int, seed: int) -> tuple[
 def _model(cfg: config_lib.Config, num_classes: int, seed: int) -> tuple[Any, Any]:
     torch.manual_seed(seed)  # as train.py: the same initial weights as tinydist's run of this seed...
     # ...but for the residual BN scales: a hand-written loop's `resnet18(num_classes=n)` starts them at 1
-    # (torchvision's default) whatever tinydist's side uses (model.zero_init_residual=true starts them at 0).
+    # (torchvision's default) whatever tinydist's side uses (model.zero_init_residual: at 0 from 150 steps).
     model = build_model(dataclasses.replace(cfg.model, zero_init_residual=False), num_classes)
     model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     return model, build_optimizer(cfg.optim, model)

@@ -29,7 +29,8 @@ RandomResizedCrop(size, scale=crop_scale, antialias=True), RandomHorizontalFlip 
 ToTensor, Normalize; eval Resize(size) + CenterCrop(size) (bench/plain_loop.py); batches = the same GlobalSampler
 micro-batches, BN statistics updated by every forward, plain cross-entropy on hard labels (no label
 smoothing: a hand-written loop's `nn.CrossEntropyLoss()`), no mixing, no EMA, no PreciseBN, torchvision's
-initialisation (residual BN scales at 1; tinydist's `model.zero_init_residual` starts them at 0).
+initialisation (residual BN scales at 1; tinydist's `model.zero_init_residual` starts them at 0 from
+150 steps).
 """
 
 from __future__ import annotations
@@ -223,9 +224,11 @@ def recipe_line(cfg: config_lib.Config) -> str:
     ema = ((f"decay {cfg.ema.decay:g}" if cfg.ema.decay is not None else f"half-life {cfg.ema.half_life:g} of the run")
            if cfg.ema.enabled else "off")
     precise = f"{cfg.eval.precise_bn_images} images" if cfg.eval.precise_bn_images else "off"
+    identity = cfg.model.zero_init_residual
+    identity_text = f"from {config_lib.ZERO_INIT_FROM_STEPS} steps" if identity is None else str(identity)
     return (f"tinydist: train() as configured (train_step, validate, saves, export): mix {mix}; EMA {ema}; "
             f"PreciseBN {precise}; eval.weights {cfg.eval.weights}; flip TTA {cfg.eval.flip_tta}; "
-            f"label smoothing {cfg.optim.label_smoothing:g}; zero-init residual {cfg.model.zero_init_residual}; "
+            f"label smoothing {cfg.optim.label_smoothing:g}; zero-init residual {identity_text}; "
             f"top-1 of export.weights={cfg.export.weights} "
             f"({top1_key(cfg)}); torchvision: plain loop, none of these")
 

@@ -7,6 +7,7 @@ recipe itself (CutMix/MixUp, EMA, PreciseBN, the BN rule, the schedule) rather t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -150,8 +151,12 @@ def build_run(cfg: Config, accelerator: Accelerator, train_data: ImageCache, val
         f"{sampler.accumulation} accumulation; {sampler.steps_per_epoch:.1f} steps per epoch, {total_steps} "
         "steps in all")
 
+    identity_start = config_lib.zero_init_residual(cfg.model, total_steps)
+    if identity_start and cfg.model.zero_init_residual is None:
+        say(f"model: residual blocks start as the identity ({total_steps} steps >= "
+            f"{config_lib.ZERO_INIT_FROM_STEPS}; model.zero_init_residual=false keeps torchvision's init)")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, len(train_data.classes))
+    model = build_model(dataclasses.replace(cfg.model, zero_init_residual=identity_start), len(train_data.classes))
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     bare_model = model

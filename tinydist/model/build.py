@@ -16,8 +16,10 @@ from tinydist.runtime.exitcodes import PermanentError
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The model returns logits: nothing applies softmax before the loss (the seed report's bug)."""
-    model = resnet18(num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
+    """The model returns logits: nothing applies softmax before the loss (the seed report's bug).
+    `cfg.zero_init_residual` null means torchvision's initialisation here: a run resolves it from its
+    length first (`config.zero_init_residual`); loaders overwrite every weight anyway."""
+    model = resnet18(num_classes=num_classes, zero_init_residual=bool(cfg.zero_init_residual))
     if cfg.stem == "cifar":
         # At 64x64 the ImageNet stem (7x7/2 conv + pool) throws away 15/16 of the pixels before the
         # first block; a 3x3/1 stem keeps them (about 65% vs 53% top-1: the anchors in README.md's recipe table).

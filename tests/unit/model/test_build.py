@@ -25,10 +25,23 @@ def test_residual_blocks_start_as_the_identity_and_the_rest_is_torchvisions_init
     assert all(plain[k].eq(1).all() for k in zeroed)  # torchvision's own default: 1
     assert ours.keys() == plain.keys()  # plain torchvision still loads the weights
     assert [k for k in ours if not torch.equal(ours[k], plain[k])] == zeroed  # the same draws otherwise
-    # Off (the default): exactly torchvision's initialisation.
-    assert not ModelConfig().zero_init_residual
-    off = _state(3, zero_init_residual=False)
-    assert all(torch.equal(off[k], plain[k]) for k in plain)
+    # Off, or null where no run length resolved it (a loader's model): exactly torchvision's initialisation.
+    for unresolved in (False, None):
+        off = _state(3, zero_init_residual=unresolved)
+        assert all(torch.equal(off[k], plain[k]) for k in plain)
+
+
+def test_null_turns_the_identity_start_on_from_the_measured_run_length():
+    assert ModelConfig().zero_init_residual is None
+    threshold = config_lib.ZERO_INIT_FROM_STEPS
+    assert 71 < threshold <= 188  # -7.5 points at 71 steps, +4.9 at 188 (README, recipe table)
+    assert not config_lib.zero_init_residual(ModelConfig(), threshold - 1)
+    assert config_lib.zero_init_residual(ModelConfig(), threshold)
+    # A value in the config wins over the length, both ways.
+    assert not config_lib.zero_init_residual(ModelConfig(zero_init_residual=False), 100_000)
+    assert config_lib.zero_init_residual(ModelConfig(zero_init_residual=True), 1)
+    cfg = config_lib.load_config(["--model.zero_init_residual=null"])
+    assert cfg.model.zero_init_residual is None
 
 
 def test_the_identity_start_changes_the_first_forward_only_through_the_blocks():
