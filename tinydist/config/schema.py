@@ -61,7 +61,7 @@ class ModelConfig:
     extra_fc: int = 0
     # Start each residual block's last BN scale at 0, so every block begins as the identity (Goyal et
     # al. 2017; He et al. 2019, "Bag of Tricks"): torchvision's `zero_init_residual`. null = from the
-    # run's length: on for schedules of ZERO_INIT_FROM_STEPS optimizer steps or more (+1.05 points at 563
+    # run's length: on for schedules of 150 optimizer steps or more (ZERO_INIT_FROM_STEPS; +1.05 points at 563
     # steps, -7.5 at 71: the blocks need steps to grow out of the identity; README, recipe table).
     zero_init_residual: Optional[bool] = None
     # Keep activations in NHWC; faster with tensor cores, harmless elsewhere.
