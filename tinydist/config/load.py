@@ -48,6 +48,21 @@ def _expected_type(key: str) -> str:
         if part not in hints:
             return ""
         hint = hints[part]
+    return _in_words(hint)
+
+
+_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _in_words(hint: Any) -> str:
+    """A field's type as a user writes its values (`true or false, or null`), not as Python spells it."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return f"{_in_words(args[0])}, or null"
+    if typing.get_origin(hint) is list and len(args) == 1:
+        return f"a list such as [a, b], each {_in_words(args[0])}"
+    if hint in _WORDS:
+        return _WORDS[hint]
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

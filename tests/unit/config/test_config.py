@@ -131,15 +131,18 @@ def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
     assert str(recipe) in message and "`train.max_step`" in message and "`train.max_steps`" in message
 
 
-@pytest.mark.parametrize("argv, key", [
-    (["--train.max_steps=abc"], "train.max_steps"),
-    (["--optim.lr", "fast"], "optim.lr"),
-    (["--model.channels_last=maybe"], "model.channels_last"),
-    (["--train.global_batch_size=1.5"], "train.global_batch_size"),
+@pytest.mark.parametrize("argv, key, expected", [
+    (["--train.max_steps=abc"], "train.max_steps", "a whole number, or null"),
+    (["--optim.lr", "fast"], "optim.lr", "a number"),
+    (["--model.channels_last=maybe"], "model.channels_last", "true or false"),
+    (["--model.zero_init_residual=maybe"], "model.zero_init_residual", "true or false, or null"),
+    (["--train.global_batch_size=1.5"], "train.global_batch_size", "a whole number"),
+    (["--data.crop_scale=x"], "data.crop_scale", "a list such as [a, b], each a number"),
 ])
-def test_wrong_type_is_one_line(argv, key):
+def test_wrong_type_is_one_line_in_the_words_of_a_value(argv, key, expected):
     message = error(argv)
-    assert f"bad value for `{key}`" in message
+    assert f"bad value for `{key}`" in message and message.endswith(f"(expected {expected})"), message
+    assert "Optional" not in message and "typing" not in message
 
 
 def test_wrong_type_in_a_recipe(tmp_path):
