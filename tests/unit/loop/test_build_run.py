@@ -20,7 +20,7 @@ def _residual_scales(digits, *overrides: str) -> tuple[int, list[float], list[st
     cfg = config_lib.load_config(["--config", SMOKE_RECIPE, f"--data.cache_dir={base.data.cache_dir}", *overrides])
     said: list[str] = []
     run = build_run(cfg, make_accelerator(cfg), *data, say=said.append)
-    scales = [m.bn2.weight.abs().max().item() for name, m in run.bare_model.named_modules() if hasattr(m, "bn2")]
+    scales = [m.bn2.weight.abs().max().item() for m in run.bare_model.modules() if hasattr(m, "bn2")]
     assert len(scales) == 8  # resnet18's basic blocks
     return run.total_steps, scales, said
 
