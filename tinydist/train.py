@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this
 import torch
 import torch.nn.functional as F
 
-from tinydist.ckpt.lease import Lease, claim_storage
+from tinydist.ckpt.lease import Lease, claim_storage, confirm_claim
 from tinydist.ckpt.tiers import Tiers
 from tinydist.config import Config, load_config
 from tinydist.data.augment import augment
@@ -85,13 +85,15 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     runlog: Optional[RunLog] = None
     run: Optional[Run] = None
     try:
-        # Setup: the data, the model and optimizer, the storage probe and the lease (one job per checkpoint dir).
+        # Setup: the storage probe and the lease (one job per checkpoint dir: a second is refused before it
+        # decodes anything), the data, the model and optimizer; the lease's settle window passes meanwhile.
+        lease = claim_storage(cfg, stop, peers, say, confirm=False)
         with phases.timed("data"):
             data = load_data(cfg, accelerator, stop, say)
         if data is None:
             return EXIT_PREEMPTED
         run = build_run(cfg, accelerator, *data, say=say)
-        lease = claim_storage(cfg, stop, peers, say)
+        confirm_claim(lease, stop, peers)  # before any checkpoint is read or written
         tiers = open_checkpoints(run, lease, peers, say)  # checkpoint.dir, and this machine's local tier
         checkpointer = tiers.durable
 

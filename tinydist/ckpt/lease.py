@@ -48,6 +48,7 @@ class Lease:
         self.lost: Optional[str] = None  # set by the heartbeat when another job took the lease
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._written_at: Optional[float] = None  # when begin() wrote the lease; None once confirmed
 
     def _read(self) -> Optional[dict]:
         try:
@@ -90,6 +91,13 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease or raise LeaseHeldError naming the live holder; then keep it beating."""
+        self.begin()
+        self.confirm()
+
+    def begin(self) -> None:
+        """The first half of `acquire`: refuse a live holder (LeaseHeldError), write the lease and start
+        beating it. `confirm` then waits out the settle window; work done in between (the data's load, the
+        model's build) hides it, which on a 1-minute run was most of the start-up (0.5 of 0.6 s)."""
         current = self._read()
         if current and self._holder_alive(current):
             raise LeaseHeldError(
@@ -99,14 +107,26 @@ class Lease:
         if current:
             self.log(f"taking over the lease on {self.storage.url} from {self.describe(current)}: its holder is gone")
         self._write()
-        time.sleep(self.settle_s)  # a racer that read the same stale lease writes within this window
-        now = self._read()
-        if not now or now.get("holder") != self.token:
-            raise LeaseHeldError(f"checkpoint dir {self.storage.url} was just taken by "
-                                 f"{self.describe(now or {})}; expected one job per checkpoint.dir")
-        self.held = True
+        self._written_at = time.monotonic()
+        self.held = True  # release() removes it only while it is still ours
+        # Beating from now on: a long first decode before `confirm` must not let the lease go stale.
         self._thread = threading.Thread(target=self._heartbeat, name="tinydist-lease", daemon=True)
         self._thread.start()
+
+    def confirm(self) -> None:
+        """The second half of `acquire`: at least `settle_s` after the write, the lease must still be ours.
+        A racer that read the same stale (or absent) lease writes within that window, and the last write
+        wins: the loser raises LeaseHeldError here, before it reads or writes a checkpoint."""
+        if self._written_at is None:
+            return
+        time.sleep(max(0.0, self._written_at + self.settle_s - time.monotonic()))
+        self._written_at = None
+        now = self._read()
+        if self.lost is not None or not now or now.get("holder") != self.token:
+            self.held = False
+            self._stop.set()
+            raise LeaseHeldError(f"checkpoint dir {self.storage.url} was just taken by "
+                                 f"{self.lost or self.describe(now or {})}; expected one job per checkpoint.dir")
 
     def _heartbeat(self) -> None:
         failing = False
@@ -156,10 +176,12 @@ class Lease:
                      f"once it is {self.ttl_s:g} s stale")
 
 
-def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any) -> Optional[Lease]:
+def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any, confirm: bool = True) -> Optional[Lease]:
     """Before any training, rank 0 proves that checkpoint.dir and train.output_dir can be written (a
     missing bucket fails now, in one line, not an epoch later at the first save) and takes the
-    checkpoint dir's lease (one job per dir). Every rank learns the outcome and stops with it."""
+    checkpoint dir's lease (one job per dir). Every rank learns the outcome and stops with it.
+    `confirm=False`: the lease is written but its settle window not yet waited out: `confirm_claim`
+    does that, after other start-up work."""
     lease, error = None, None
     if peers.rank == 0:
         try:
@@ -170,15 +192,33 @@ def claim_storage(cfg: Config, stop: Any, peers: Any, say: Any) -> Optional[Leas
             if cfg.checkpoint.lease_ttl_s > 0:
                 lease = Lease(Storage(config_lib.checkpoint_dir(cfg)), cfg.log.run_name or cfg.train.output_dir,
                               ttl_s=cfg.checkpoint.lease_ttl_s, log=say)
-                lease.acquire()
+                lease.begin()
+                if confirm:
+                    lease.confirm()
         except (PermanentError, TransientError) as e:  # every rank must learn it, whichever it is
             error = e
+    _agree(error, stop, peers)
+    return lease
+
+
+def confirm_claim(lease: Optional[Lease], stop: Any, peers: Any) -> None:
+    """The lease `claim_storage(confirm=False)` wrote is still rank 0's once its settle window is over
+    (Lease.confirm), or every rank stops (LeaseHeldError on rank 0, a TransientError on the others)."""
+    error = None
+    if lease is not None:
+        try:
+            lease.confirm()
+        except TransientError as e:
+            error = e
+    _agree(error, stop, peers)
+
+
+def _agree(error: Optional[Exception], stop: Any, peers: Any) -> None:
     _, failed, _, _ = stop.agreed(peers, fault=error is not None)
     if error is not None:
         raise error
     if failed:
         raise TransientError("rank 0 could not claim the checkpoint dir (see its message)")
-    return lease
 
 
 def check_local_dir(local_dir: str, durable_url: str) -> None:

@@ -55,9 +55,13 @@ def recompute_bn_statistics(model: nn.Module, data: Any, images: int, seed: int,
     def hook(index: int) -> Callable[..., None]:
         def record(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].float()
-            dims = [d for d in range(x.dim()) if d != 1]
-            sums[index][0] += x.mean(dims).double()
-            sums[index][1] += x.var(dims, unbiased=True).double()  # what BN's running_var averages
+            # BN's own statistics kernel: one pass, ~3x cheaper on the CPU than x.mean + x.var over the
+            # (N, H, W) dims (11 vs 33 ms per 256 images at 32 px, all 20 layers). It gives the biased
+            # variance; BN's running_var averages the unbiased one.
+            mean, biased_var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            count = x.numel() // x.shape[1]
+            sums[index][0] += mean.double()
+            sums[index][1] += biased_var.double() * (count / max(count - 1, 1))
         return record
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]

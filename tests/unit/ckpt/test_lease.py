@@ -148,3 +148,30 @@ def test_lease_on_s3(tmp_path):
         second.acquire()
         second.release()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_begin_then_confirm_waits_only_what_is_left_of_the_settle_window(tmp_path):
+    storage = Storage(str(tmp_path))
+    lease = Lease(storage, "runs/a", ttl_s=30, log=Logs(), settle_s=0.4)
+    lease.begin()
+    assert json.loads(storage.read(LEASE))["pid"] == os.getpid()  # written (and beating) before confirm
+    time.sleep(0.3)  # the start-up work the window hides
+    started = time.monotonic()
+    lease.confirm()
+    assert time.monotonic() - started < 0.3  # the remaining ~0.1 s, not another 0.4
+    lease.confirm()  # once confirmed, nothing more to wait for
+    lease.check()
+    lease.release()
+    assert not storage.exists(LEASE)
+
+
+def test_a_racer_that_writes_within_the_settle_window_wins_and_confirm_refuses(tmp_path):
+    storage = Storage(str(tmp_path))
+    loser = Lease(storage, "runs/a", ttl_s=30, log=Logs(), settle_s=0.2)
+    loser.begin()
+    other_machine(storage)  # the racer read the same absent lease and wrote after us: the last write wins
+    with pytest.raises(LeaseHeldError, match="just taken by run 'runs/a' .*node-7"):
+        loser.confirm()
+    assert not loser.held
+    loser.release()
+    assert json.loads(storage.read(LEASE))["holder"] == "elsewhere"  # the winner's, left in place
