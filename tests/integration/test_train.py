@@ -300,13 +300,12 @@ def test_smoke_recipe_learns_digits(smoke_run):
     val = [m for m in metrics if "val/top1" in m]
     assert val, describe(result)
     assert val[-1]["val/top1"] >= 0.9, f"final val top-1 {val[-1]['val/top1']:.4f} < 0.9: {val}"
-    # The recipe keeps an EMA of the weights (half-life 0.2 of the run), validated beside them in one pass.
-    # A validation (PreciseBN for both sets of weights + 299 images each) is ~6% of this short run's compute
-    # by eval.max_share's estimate, over its 0.1 for two: the last step's is the only one, and the run says so.
-    # There, at the end of the cosine schedule, the two are nearly the same weights: within one of the 299 images.
-    assert "validation: every 10 epochs and at the last step (eval.max_share 0.1" in result.stdout, describe(result)
+    # A validation (PreciseBN + 299 images) is ~3% of this short run's compute by eval.max_share's estimate,
+    # over its 0.05 for two: the last step's is the only one, and the run says so. The recipe keeps no EMA
+    # (level with the weights at the end of its cosine schedule): one set of weights is scored.
+    assert "validation: every 10 epochs and at the last step (eval.max_share 0.05" in result.stdout, describe(result)
     assert [m["epoch"] for m in val] == pytest.approx([10.042], abs=0.01), val
-    assert val[-1]["val_ema/top1"] >= val[-1]["val/top1"] - 1.5 / 299, val[-1]
+    assert not [k for m in metrics for k in m if k.startswith("val_ema/")], val[-1]
     assert val[-1]["val/loss"] < 0.5, val[-1]
     train = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert train[-1] < 0.5 * math.log(10) < train[0], f"train loss did not fall: {train}"

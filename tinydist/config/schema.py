@@ -137,8 +137,10 @@ class EvalConfig:
     # Most of the run's compute its validations may take, estimated from image counts (a training image ~3
     # forward passes; a validation: PreciseBN's images + the val images, x2 with flip TTA, per set of weights):
     # epoch-end validations are spaced out evenly to stay within it; the last step's always runs. 0 = no limit.
-    # 0.1: ~5% of the wall time measured on a 2-core CPU, where a validation image costs ~1/5 of a training one.
-    max_share: float = 0.1
+    # 0.05: ~2.5% of the wall time on a 2-core CPU, where a validation image costs ~1/5 of a training one: a
+    # third of the 8% a run may spend beyond its bare steps (README, Benchmarks); 0.1 fitted three validations
+    # into a 3-epoch photo run once the smoke recipe had no EMA to score.
+    max_share: float = 0.05
     # Which weights a validation scores, in one pass over the images (each batch loaded once): `both` (raw
     # and EMA when ema.enabled), `ema` (the average only: one forward per batch) or `raw`.
     weights: str = "both"
