@@ -1,10 +1,15 @@
 """The physical limit of a run's wall time on this machine, for `bench quality`: a bare loop over the
 same number of optimizer steps on pre-made tensors: the same model, optimizer, schedule, micro-batch
 shapes, accumulation, loss and threads, and nothing else (no data work, no validation, no saves, no
-EMA). What a run spends beyond it is its overhead: `bench quality` prints the ratio and the phases."""
+EMA). What a run spends beyond it is its overhead: `bench quality` prints the ratio and the phases.
+
+The machine's speed drifts by a quarter within minutes (a shared 2-core VM), so a run and the bare loop
+timed a minute apart can differ by more than the 8% being judged. `interleaved_step_ratio` cancels the
+drift for the steps themselves: `train_step` and the bare step alternate in short chunks in one process."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -15,28 +20,82 @@ from tinydist.model.build import build_model
 from tinydist.model.optim import build_optimizer, lr_at, set_lr
 
 
+class BareSteps:
+    """The bare loop, resumable: `steps(k)` runs the next k optimizer steps and returns their seconds."""
+
+    def __init__(self, cfg: config_lib.Config, num_classes: int, device: torch.device, total_steps: int,
+                 warmup_steps: int = 0) -> None:
+        torch.manual_seed(cfg.train.seed)
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model, num_classes).to(device, memory_format=memory_format).train()
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        micro, side = cfg.train.micro_batch_size, cfg.data.image_size
+        self.accumulation = cfg.train.global_batch_size // micro
+        # Fixed, normalised, on the device, in the loop's memory format: nothing but the step itself.
+        self.inputs = [torch.randn(micro, 3, side, side, device=device).contiguous(memory_format=memory_format)
+                       for _ in range(self.accumulation)]
+        self.targets = torch.randint(0, num_classes, (self.accumulation, micro), device=device)
+        self.cfg, self.device, self.total, self.warmup, self.step = cfg, device, total_steps, warmup_steps, 0
+
+    def steps(self, count: int) -> float:
+        """Seconds of the next `count` bare steps (the schedule's rate set each step, as a run does)."""
+        started = time.perf_counter()
+        for _ in range(count):
+            set_lr(self.optimizer, *lr_at(self.cfg.optim, self.step, self.total, self.warmup))
+            for x, y in zip(self.inputs, self.targets):
+                loss = F.cross_entropy(self.model(x), y, label_smoothing=self.cfg.optim.label_smoothing)
+                (loss / self.accumulation).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+
 def bare_floor_seconds(cfg: config_lib.Config, steps: int, num_classes: int, device: torch.device,
                        total_steps: int = 0, warmup_steps: int = 0) -> float:
-    """Seconds of `steps` bare optimizer steps (the schedule's rate set each step, as a run does)."""
-    torch.manual_seed(cfg.train.seed)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = build_model(cfg.model, num_classes).to(device, memory_format=memory_format).train()
-    optimizer = build_optimizer(cfg.optim, model)
-    micro, side = cfg.train.micro_batch_size, cfg.data.image_size
-    accumulation = cfg.train.global_batch_size // micro
-    # Fixed, normalised, on the device, in the loop's memory format: nothing but the step itself.
-    inputs = [torch.randn(micro, 3, side, side, device=device).contiguous(memory_format=memory_format)
-              for _ in range(accumulation)]
-    targets = torch.randint(0, num_classes, (accumulation, micro), device=device)
-    total = total_steps or steps
-    started = time.perf_counter()
-    for step in range(steps):
-        set_lr(optimizer, *lr_at(cfg.optim, step, total, warmup_steps))
-        for x, y in zip(inputs, targets):
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.optim.label_smoothing) / accumulation
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+    """Seconds of `steps` bare optimizer steps from step 0 of a `total_steps` schedule."""
+    return BareSteps(cfg, num_classes, device, total_steps or steps, warmup_steps).steps(steps)
+
+
+def interleaved_step_ratio(cfg: config_lib.Config, device: torch.device, chunks: int = 12,
+                           chunk_steps: int = 10) -> float:
+    """`train_step`'s time over the bare step's: `chunks` pairs of `chunk_steps` steps each, alternating in
+    this process (a pair lasts seconds: the drift cancels within it), the median of the pairs' ratios.
+    `train_step` of a run built as `train` builds it (data, augmentation, the BN rule, the EMA when on);
+    not the loop's bookkeeping around it (`bench step`: ~1.5% with it, on digits)."""
+    from tinydist.data.cache import load_train_val
+    from tinydist.loop.accel import make_accelerator
+    from tinydist.loop.run import build_run
+    from tinydist.train import train_step
+
+    accelerator = make_accelerator(cfg)
+    run = build_run(cfg, accelerator, *load_train_val(cfg.data, accelerator.local_main_process_first,
+                                                      log=lambda _: None))
+    bare = BareSteps(cfg, run.num_classes, device, run.total_steps, run.warmup_steps)
+    chunk_steps = max(1, min(chunk_steps, (run.last_step - 2) // chunks))  # a short run has fewer steps to lend
+    chunks = min(chunks, (run.last_step - 2) // chunk_steps)
+    if chunks < 1:
+        raise ValueError(f"a run of {run.last_step} steps is too short to interleave; expected at least 3")
+    run.start_loop()
+    try:
+        def ours(count: int) -> float:
+            started = time.perf_counter()
+            for _ in range(count):
+                train_step(run)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - started
+
+        ours(2), bare.steps(2)  # first use of each side's kernels and buffers, untimed
+        ratios = []
+        for chunk in range(chunks):  # which side goes first alternates: neither always follows the other
+            if chunk % 2:
+                theirs, mine = bare.steps(chunk_steps), ours(chunk_steps)
+            else:
+                mine, theirs = ours(chunk_steps), bare.steps(chunk_steps)
+            ratios.append(mine / theirs)
+        return statistics.median(ratios)
+    finally:
+        run.close()

@@ -120,6 +120,26 @@ def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
                            "2 samples 4.0-6.0 s around the runs) -> ratio 2.40 (per run 2.40; goal <= 1.08; with the "
                            "decode cache built by the run, as on a fresh machine: 3.00)"), line
     assert "validation 2.0 s (17%)" in line and "steps 7.0 s = 1.40 x floor" in line, line
+    assert line.endswith("; one run: too few to judge against the machine's drift (--seeds)"), line
+
+
+def test_the_drift_free_estimate_is_the_runs_own_overhead_times_the_interleaved_step_ratio():
+    from tinydist.bench.quality import drift_free_line
+
+    times = [{"time/wall_s": 63.0, "time/steps_s": 60.0}, {"time/wall_s": 75.0, "time/steps_s": 72.0}]
+    line = drift_free_line(times, 1.03)  # (69 / 66) x 1.03 = 1.0768
+    assert line.endswith("x the bare step (interleaved chunks in one process, median), the runs' phases beyond "
+                         "their steps +4.5% of them -> end-to-end 1.077 x the floor (goal <= 1.08): within the goal"), line
+    assert drift_free_line(times, 1.04).endswith("end-to-end 1.087 x the floor (goal <= 1.08): above the goal")
+
+
+def test_the_floor_verdict_judges_the_per_run_ratios_against_their_noise():
+    from tinydist.bench.quality import floor_verdict
+
+    assert floor_verdict([1.02, 1.04, 1.03]) == "per-run ratios 1.030, 2 s.e. 0.012 over 3 runs: within the goal"
+    assert floor_verdict([1.20, 1.22, 1.21]) == "per-run ratios 1.210, 2 s.e. 0.012 over 3 runs: above the goal"
+    # Mean below 1.08, but the spread reaches past it: no word either way.
+    assert floor_verdict([0.99, 1.12, 1.05]).endswith("over 3 runs: at the goal within the noise: not judged")
 
 
 def test_proxies_are_real_photographs_by_class(tmp_path):
@@ -154,7 +174,9 @@ def test_bench_quality_end_to_end(tmp_path, capsys):
     assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points; "
                      r"wall ratio \d+\.\d+$", out, re.M), out
     assert not re.search(r"^(floor:|  floor seed)", out, re.M), out
-    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+; data ", out, re.M), out
+    # The smoke recipe keeps no EMA: the raw weights are the only ones scored.
+    assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+; data ", out, re.M), out
+    assert "EMA off;" in out, out
 
 
 @pytest.mark.slow
@@ -163,7 +185,8 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
     from tinydist.bench import suite
 
     code = suite.main(["quality", "--quick", f"--data.cache_dir={tmp_path}/cache", "--mix.cutmix_alpha=1.0",
-                       "--mix.prob=0.5", "--eval.precise_bn_images=256", "--export.weights=ema"])
+                       "--mix.prob=0.5", "--ema.enabled=true", "--eval.precise_bn_images=256",
+                       "--export.weights=ema"])
     assert code == 0
     out = capsys.readouterr().out
     assert "quick sizes" in out.splitlines()[0], out
@@ -173,6 +196,8 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
                      r"validation [\d.]+ s, saves [\d.]+ s, .*steps [\d.]+ s\)$", out, re.M), out
     assert re.search(r"^decode cache: [\d.]+ s before the timed runs", out, re.M), out  # built here: a fresh cache_dir
     assert re.search(r"^  floor seed 0: 8 bare steps [\d.]+ s before, [\d.]+ s after$", out, re.M), out
+    assert re.search(r"^floor, drift cancelled: train_step \d+\.\d{3} x the bare step .* -> end-to-end \d+\.\d{3} x "
+                     r"the floor \(goal <= 1.08\): (within|above) the goal$", out, re.M), out
     assert re.search(r"^floor: tinydist end-to-end [\d.]+ s vs bare loop [\d.]+ s \(8 steps on pre-made tensors, "
                      r"2 samples", out, re.M), out
     assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points",
