@@ -9,6 +9,7 @@ drift for the steps themselves: `train_step` and the bare step alternate in shor
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -27,7 +28,9 @@ class BareSteps:
                  warmup_steps: int = 0) -> None:
         torch.manual_seed(cfg.train.seed)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.model = build_model(cfg.model, num_classes).to(device, memory_format=memory_format).train()
+        # The run's model as build_run resolves it for this schedule (the identity start from 150 steps).
+        model_cfg = dataclasses.replace(cfg.model, zero_init_residual=config_lib.zero_init_residual(cfg.model, total_steps))
+        self.model = build_model(model_cfg, num_classes).to(device, memory_format=memory_format).train()
         self.optimizer = build_optimizer(cfg.optim, self.model)
         micro, side = cfg.train.micro_batch_size, cfg.data.image_size
         self.accumulation = cfg.train.global_batch_size // micro
