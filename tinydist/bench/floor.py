@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +64,12 @@ def bare_floor_seconds(cfg: config_lib.Config, steps: int, num_classes: int, dev
 
 
 def interleaved_step_ratio(cfg: config_lib.Config, device: torch.device, chunks: int = 12,
-                           chunk_steps: int = 10) -> float:
+                           chunk_steps: int = 10) -> Optional[float]:
     """`train_step`'s time over the bare step's: `chunks` pairs of `chunk_steps` steps each, alternating in
-    this process (a pair lasts seconds: the drift cancels within it), the median of the pairs' ratios.
-    `train_step` of a run built as `train` builds it (data, augmentation, the BN rule, the EMA when on);
-    not the loop's bookkeeping around it (`bench step`: ~1.5% with it, on digits)."""
+    this process (a pair lasts seconds: the drift cancels within it), the median of the pairs' ratios; None
+    for a run too short to lend a chunk to each side. `train_step` of a run built as `train` builds it (data,
+    augmentation, the BN rule, the EMA when on); not the loop's bookkeeping around it (`bench step`: ~1.5%
+    with it, on digits)."""
     from tinydist.data.cache import load_train_val
     from tinydist.loop.accel import make_accelerator
     from tinydist.loop.run import build_run
@@ -79,8 +81,8 @@ def interleaved_step_ratio(cfg: config_lib.Config, device: torch.device, chunks:
     bare = BareSteps(cfg, run.num_classes, device, run.total_steps, run.warmup_steps)
     chunk_steps = max(1, min(chunk_steps, (run.last_step - 2) // chunks))  # a short run has fewer steps to lend
     chunks = min(chunks, (run.last_step - 2) // chunk_steps)
-    if chunks < 1:
-        raise ValueError(f"a run of {run.last_step} steps is too short to interleave; expected at least 3")
+    if chunks < 2:
+        return None
     run.start_loop()
     try:
         def ours(count: int) -> float:

@@ -345,9 +345,11 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     if floors:
         print(floor_line(times, floors, floor.steps, cache_s))
         seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0]))
+        chunking = {"chunks": 2, "chunk_steps": 2} if opts.quick else {}
         with contextlib.redirect_stdout(_Lines(lambda m: print(m, file=sys.stderr))):
-            step_ratio = interleaved_step_ratio(seed_cfg, device, **({"chunks": 2, "chunk_steps": 2} if opts.quick else {}))
-        print(drift_free_line(times, step_ratio))
+            step_ratio = interleaved_step_ratio(seed_cfg, device, **chunking)
+        print(drift_free_line(times, step_ratio) if step_ratio is not None else
+              f"floor, drift cancelled: not measured ({floor.steps} steps are too few to interleave in chunks)")
     return 0
 
 

@@ -135,7 +135,7 @@ def augment(images: torch.Tensor, theta: torch.Tensor, channels_last: bool = Tru
         x = F.grid_sample(x, crop_grid(theta, height, width), mode="bilinear", padding_mode="border",
                           align_corners=False)
         return _memory_format(x, channels_last)
-    if height == width:  # both axes' weights in one call: half the small ops (~0.25 ms a micro-batch on 2 cores)
+    if height == width:  # both axes' weights in one call: half the small ops (0.19 -> 0.14 ms a micro-batch, 2 cores)
         rows, cols = resize_matrix(theta[:, [1, 0], [1, 0]].T.reshape(-1), theta[:, [1, 0], 2].T.reshape(-1),
                                    height, size).split(n)
     else:

@@ -202,3 +202,17 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
                      r"2 samples", out, re.M), out
     assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points",
                      out, re.M), out
+
+
+@pytest.mark.slow
+def test_interleaving_needs_two_chunks_per_side_and_a_short_run_says_it_has_none(tmp_path):
+    from tinydist import config
+    from tinydist.bench.floor import interleaved_step_ratio
+    from tinydist.bench.quality import SMOKE_RECIPE
+
+    args = ["--config", SMOKE_RECIPE, f"--data.cache_dir={tmp_path}/cache", "--data.image_size=16",
+            "--data.max_train_samples=256", "--data.max_val_samples=32"]
+    assert interleaved_step_ratio(config.load_config(args + ["--train.max_steps=3"]), torch.device("cpu")) is None
+    ratio = interleaved_step_ratio(config.load_config(args + ["--train.max_steps=6"]), torch.device("cpu"),
+                                   chunks=2, chunk_steps=2)
+    assert ratio is not None and 0.2 < ratio < 5, ratio  # two real timings of comparable steps, not a constant
