@@ -10,7 +10,8 @@ trap 'rm -rf "$work"' EXIT
 # shellcheck source=/dev/null
 . .venv/bin/activate
 export TQDM_DISABLE=1
-A=(--config configs/smoke.yaml --train.output_dir="$work/demo")
+# The EMA on and a validation at every epoch end, so the figure shows both sets of curves across the stops.
+A=(--config configs/smoke.yaml --ema.enabled=true --eval.max_share=0 --train.output_dir="$work/demo")
 wait_step() {  # until metrics.jsonl has logged step >= $1, or the run $2 ended, or 10 minutes passed
   for _ in $(seq 600); do
     kill -0 "$2" 2>/dev/null || { echo "the run stopped before step $1: see $work" >&2; exit 1; }
