@@ -85,13 +85,14 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
     runlog: Optional[RunLog] = None
     run: Optional[Run] = None
     try:
-        # Setup: the storage probe and the lease (one job per checkpoint dir: a second is refused before it
-        # decodes anything), the data, the model and optimizer; the lease's settle window passes meanwhile.
-        lease = claim_storage(cfg, stop, peers, say, confirm=False)
+        # Setup: the data (first: a source that cannot be read leaves nothing behind, not even a checkpoint
+        # folder), the storage probe and the lease (one job per checkpoint dir), the model and optimizer, built
+        # while the lease's settle window passes.
         with phases.timed("data"):
             data = load_data(cfg, accelerator, stop, say)
         if data is None:
             return EXIT_PREEMPTED
+        lease = claim_storage(cfg, stop, peers, say, confirm=False)
         run = build_run(cfg, accelerator, *data, say=say)
         confirm_claim(lease, stop, peers)  # before any checkpoint is read or written
         tiers = open_checkpoints(run, lease, peers, say)  # checkpoint.dir, and this machine's local tier

@@ -96,8 +96,8 @@ class Lease:
 
     def begin(self) -> None:
         """The first half of `acquire`: refuse a live holder (LeaseHeldError), write the lease and start
-        beating it. `confirm` then waits out the settle window; work done in between (the data's load, the
-        model's build) hides it, which on a 1-minute run was most of the start-up (0.5 of 0.6 s)."""
+        beating it. `confirm` then waits out the settle window; work done in between (train: the model's
+        build) hides part of it: on a 1-minute run the window was 0.5 of the 0.6 s start-up."""
         current = self._read()
         if current and self._holder_alive(current):
             raise LeaseHeldError(
@@ -109,7 +109,7 @@ class Lease:
         self._write()
         self._written_at = time.monotonic()
         self.held = True  # release() removes it only while it is still ours
-        # Beating from now on: a long first decode before `confirm` must not let the lease go stale.
+        # Beating from now on: whatever runs before `confirm` must not let the lease go stale.
         self._thread = threading.Thread(target=self._heartbeat, name="tinydist-lease", daemon=True)
         self._thread.start()
 
