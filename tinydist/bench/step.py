@@ -9,13 +9,12 @@ import shutil
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from tinydist import config as config_lib
-from tinydist.bench.common import digits_args, interleaved, quiet, sync, timed, verdict
+from tinydist.bench.common import digits_args, interleaved, quiet, timed, verdict
+from tinydist.bench.floor import BareSteps
 from tinydist.data.cache import load_split
-from tinydist.model.build import build_model
-from tinydist.model.optim import build_optimizer
+from tinydist.data.sampler import GlobalSampler
 from tinydist.train import train
 
 
@@ -41,30 +40,16 @@ def bench_step(tmp: str, quick: bool, device: torch.device) -> None:
             raise RuntimeError(f"train() with max_steps={max_steps} returned exit code {code}")
         shutil.rmtree(out_dir)
 
-    torch.manual_seed(0)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = build_model(cfg.model, len(data.classes)).to(device, memory_format=memory_format).train()
-    optimizer = build_optimizer(cfg.optim, model)
-    micro, side = cfg.train.micro_batch_size, cfg.data.image_size
-    accumulation = cfg.train.global_batch_size // micro
-    # Fixed, normalised, on the device, in the loop's memory format: nothing but the step itself.
-    inputs = [torch.randn(micro, 3, side, side, device=device).contiguous(memory_format=memory_format)
-              for _ in range(accumulation)]
-    targets = torch.randint(0, len(data.classes), (accumulation, micro), device=device)
-
-    def bare(k: int) -> None:
-        for _ in range(k):
-            for x, y in zip(inputs, targets):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.optim.label_smoothing) / accumulation
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sync(device)
+    # The floor's bare loop (bench/floor.py): the same model (as the runs' schedule resolves it), optimizer,
+    # batch shapes and device, nothing else.
+    schedule = math.ceil(cfg.train.epochs * GlobalSampler.from_config(cfg, len(data), 1, 0).steps_per_epoch)
+    bare = BareSteps(cfg, len(data.classes), device, total_steps=schedule)
+    micro, side, accumulation = cfg.train.micro_batch_size, cfg.data.image_size, bare.accumulation
 
     run_train(short)  # warm-up: the first Accelerator, lazy imports, allocator
-    bare(3)
+    bare.steps(3)
     fns = [lambda: timed(lambda: run_train(long)), lambda: timed(lambda: run_train(short)),
-           lambda: timed(lambda: bare(steps))]
+           lambda: timed(lambda: bare.steps(steps))]
     results = interleaved(fns, pairs)
     (t_long, t_short, t_bare), pairs = map(statistics.median, results), len(results[0])
     ours, base = (t_long - t_short) / steps, t_bare / steps

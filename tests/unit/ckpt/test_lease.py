@@ -150,16 +150,21 @@ def test_lease_on_s3(tmp_path):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_begin_then_confirm_waits_only_what_is_left_of_the_settle_window(tmp_path):
+def test_begin_then_confirm_waits_only_what_is_left_of_the_settle_window(tmp_path, monkeypatch):
+    import tinydist.ckpt.lease as lease_module
+
     storage = Storage(str(tmp_path))
     lease = Lease(storage, "runs/a", ttl_s=30, log=Logs(), settle_s=0.4)
     lease.begin()
     assert json.loads(storage.read(LEASE))["pid"] == os.getpid()  # written (and beating) before confirm
     time.sleep(0.3)  # the start-up work the window hides
-    started = time.monotonic()
+    asked: list[float] = []
+    monkeypatch.setattr(lease_module.time, "sleep", asked.append)
     lease.confirm()
-    assert time.monotonic() - started < 0.3  # the remaining ~0.1 s, not another 0.4
+    assert len(asked) == 1 and 0.0 <= asked[0] <= 0.1, asked  # what is left of the 0.4 s, not another 0.4
     lease.confirm()  # once confirmed, nothing more to wait for
+    assert len(asked) == 1, asked
+    monkeypatch.undo()
     lease.check()
     lease.release()
     assert not storage.exists(LEASE)
