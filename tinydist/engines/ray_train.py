@@ -113,6 +113,16 @@ def _watch_channel(channel: Any, stop: StopFlag, poll_s: float = 1.0) -> Callabl
 
     def end() -> bool:
         done.set()
+        if channel is not None and not asked.is_set():
+            # A peer may have stopped this worker (the stop is agreed across ranks) before this worker's
+            # own poll saw the request: ask the channel once more, or the driver's stop would count as a
+            # failure and Ray would restart the group.
+            import ray
+
+            try:
+                return bool(ray.get(channel.read.remote(), timeout=30))
+            except (ray.exceptions.RayError, TimeoutError):
+                return False
         return asked.is_set()
 
     return end

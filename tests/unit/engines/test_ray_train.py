@@ -5,6 +5,8 @@ used up, and bad input refused in one line before Ray would start. The runs: tes
 from __future__ import annotations
 
 import pickle
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from tinydist.config import ConfigError
 from tinydist.engines import ray_train
 from tinydist.engines.ray_train import WorkerExit, failure_code, restarts, worker_loop
 from tinydist.runtime.exitcodes import TransientError
+from tinydist.runtime.preempt import StopFlag
 
 from helpers.train import SMOKE, error_lines
 
@@ -57,6 +60,27 @@ def test_done_and_permanent_codes_are_returned_so_ray_does_not_restart(monkeypat
 def test_a_stop_the_driver_asked_for_is_returned_not_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM to the driver: the workers save and return 75; Ray must not start them again."""
     assert _worker(monkeypatch, 75, driver_asked=True) == (75, "")
+
+
+class _Channel:
+    """The driver's StopChannel actor as a worker sees it: `read.remote()` hands back the reason."""
+
+    def __init__(self, reason: Any) -> None:
+        self.read = type("Method", (), {"remote": staticmethod(lambda: reason)})
+
+
+@pytest.mark.parametrize("reason, asked", [("SIGTERM to the Ray driver", True), (None, False)])
+def test_a_stop_the_watch_had_not_seen_yet_is_read_at_the_end(monkeypatch: pytest.MonkeyPatch, reason: Any,
+                                                               asked: bool) -> None:
+    """A peer can stop this worker (the stop is agreed across ranks) before this worker's own poll
+    reads the driver's request: the end of the watch reads the channel once more, else rank 1 would
+    raise its 75 and Ray would restart a group the driver asked to stop (seen in CI)."""
+    fake_ray = types.SimpleNamespace(get=lambda ref, timeout: ref,
+                                     exceptions=types.SimpleNamespace(RayError=RuntimeError))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    stop = StopFlag(log=lambda line: None, signals=False)
+    end = ray_train._watch_channel(_Channel(reason), stop, poll_s=3600)  # its poll never comes
+    assert end() is asked
 
 
 def test_worker_exit_survives_pickling() -> None:
