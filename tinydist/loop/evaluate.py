@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tinydist.config import Config
-from tinydist.data.augment import eval_transform, to_device
+from tinydist.data.augment import eval_transform, inference_channels_last, to_device
 from tinydist.data.cache import ImageCache
 from tinydist.data.sampler import eval_shard
 
@@ -45,6 +45,7 @@ def evaluate(model: torch.nn.Module, cache: ImageCache, batch_size: int, device:
     k = min(5, len(cache.classes))
     # Per model: loss, top1, top5, count, top1_flip, top5_flip
     totals = torch.zeros(len(models), 6, dtype=torch.float64, device=device)
+    channels_last = inference_channels_last(channels_last, device)
     for indices in eval_shard(len(cache), batch_size, world_size, rank):
         images, labels = to_device(cache.gather(indices), cache.labels[indices], device)
         inputs = eval_transform(images, channels_last)

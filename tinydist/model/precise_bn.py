@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tinydist.config import Config
-from tinydist.data.augment import eval_transform, to_device
+from tinydist.data.augment import eval_transform, inference_channels_last, to_device
 
 PRECISE_BN_STREAM = 0x5EED_B4  # second word of the seed of the image choice: not the training stream's
 BATCH = 256  # fixed, not the micro batch: a batch's variance depends on its size, and this must not on the run
@@ -66,6 +66,7 @@ def recompute_bn_statistics(model: nn.Module, data: Any, images: int, seed: int,
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
     tracked = [m.num_batches_tracked.clone() for m in layers if m.num_batches_tracked is not None]
+    channels_last = inference_channels_last(channels_last, device)
     was_training = model.training
     model.train()  # BN normalises with each batch's own statistics, as in training
     try:

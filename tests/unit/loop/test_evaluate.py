@@ -84,3 +84,38 @@ def test_eval_weights_must_cover_what_is_exported_and_kept_best() -> None:
         with pytest.raises(ConfigError) as e:
             load_config(args)
         assert says in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
+
+
+class _Formats(torch.nn.Module):
+    """Records the memory format of every input it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 8 * 8, 3)
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return self.linear(x.flatten(1))
+
+
+def test_on_a_cpu_inference_reads_nhwc_whatever_the_model_trains_in() -> None:
+    """oneDNN's NHWC inference path is faster on a CPU even for NCHW weights (augment.inference_channels_last):
+    evaluation and PreciseBN feed NHWC there, and score what NCHW inputs score."""
+    from tinydist.data.augment import inference_channels_last
+    from tinydist.model.precise_bn import recompute_bn_statistics
+
+    assert inference_channels_last(False, torch.device("cpu")) is True
+    assert inference_channels_last(False, torch.device("cuda")) is False
+    assert inference_channels_last(True, torch.device("cuda")) is True
+    torch.manual_seed(0)
+    model = _Formats()
+    metrics = evaluate(model, Split(), 16, torch.device("cpu"), channels_last=False)
+    assert model.seen and all(model.seen)
+    with torch.no_grad():
+        x = eval_transform(torch.from_numpy(Split().pixels), channels_last=False)
+        logits = model.linear(x.flatten(1))
+    assert metrics["val/top1"] == (logits.argmax(1) == torch.from_numpy(Split().labels)).sum().item() / len(Split())
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3), _Formats())
+    assert recompute_bn_statistics(bn, Split(n=512), 512, 0, torch.device("cpu"), channels_last=False) == 2
+    assert bn[1].seen and all(bn[1].seen)
