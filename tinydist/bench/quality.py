@@ -57,7 +57,7 @@ from tinydist.bench.common import SMOKE_RECIPE
 from tinydist.data.hostmem import keep_freed_memory
 from tinydist.data.mix import mix_enabled
 import tinydist.train as train_module
-from tinydist.bench.floor import bare_floor_seconds, interleaved_step_ratio
+from tinydist.bench.floor import bare_floor_seconds, interleaved_step_ratios
 from tinydist.bench.plain_loop import baseline_setup, run_torchvision
 from tinydist.bench.proxies import PROXIES, make_photo_source
 from tinydist.model.build import BNStatistics
@@ -216,17 +216,31 @@ def floor_line(times: Sequence[dict[str, float]], floors: Sequence[tuple[float, 
 FLOOR_GOAL = 1.08  # issue 21: end-to-end within 8% of the bare steps
 
 
-def drift_free_line(times: Sequence[dict[str, float]], step_ratio: float) -> str:
+def drift_free_line(times: Sequence[dict[str, float]], step_ratios: Sequence[float]) -> str:
     """The end-to-end ratio without the drift between a run and its floor samples: each run's wall time over
     its own steps (the same minute: what start-up, validation, saves and export add) times `train_step`'s
-    time over the bare step's from interleaved chunks (`interleaved_step_ratio`: what the steps add)."""
-    wall = float(np.mean([t["time/wall_s"] for t in times]))
-    steps = float(np.mean([t["time/steps_s"] for t in times]))
-    estimate = wall / steps * step_ratio
-    word = "within the goal" if estimate <= FLOOR_GOAL else "above the goal"
-    return (f"floor, drift cancelled: train_step {step_ratio:.3f} x the bare step (interleaved chunks in one process, "
-            f"median), the runs' phases beyond their steps +{100 * (wall / steps - 1):.1f}% of them -> end-to-end "
-            f"{estimate:.3f} x the floor (goal <= {FLOOR_GOAL}): {word}")
+    time over the bare step's from interleaved chunks (`interleaved_step_ratios`: what the steps add), each
+    a mean with two standard errors, combined; a word only where the noise allows one."""
+    beyond = [t["time/wall_s"] / t["time/steps_s"] for t in times]
+    step, step_noise = _mean_and_noise(step_ratios)
+    extra, extra_noise = _mean_and_noise(beyond)
+    estimate = extra * step
+    noise = estimate * math.hypot(step_noise / step, extra_noise / extra)
+    return (f"floor, drift cancelled: train_step {step:.3f} ± {step_noise:.3f} x the bare step ({len(step_ratios)} "
+            f"interleaved chunk pairs in one process; mean ± 2 s.e.), the runs' phases beyond their steps "
+            f"+{100 * (extra - 1):.1f} ± {100 * extra_noise:.1f}% of them ({len(beyond)} runs) -> end-to-end "
+            f"{estimate:.3f} ± {noise:.3f} x the floor (goal <= {FLOOR_GOAL}): {_judged(estimate, noise)}")
+
+
+def _mean_and_noise(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and two standard errors (0 for a single value: nothing to say how far it may be off)."""
+    mean = float(np.mean(values))
+    return mean, (2 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def _judged(mean: float, noise: float) -> str:
+    return ("within the goal" if mean + noise <= FLOOR_GOAL else
+            "above the goal" if mean - noise > FLOOR_GOAL else "at the goal within the noise: not judged")
 
 
 def floor_verdict(ratios: Sequence[float]) -> str:
@@ -234,10 +248,8 @@ def floor_verdict(ratios: Sequence[float]) -> str:
     standard errors, and a word only where the noise allows one."""
     if len(ratios) < 2:
         return "one run: too few to judge against the machine's drift (--seeds)"
-    mean, noise = float(np.mean(ratios)), 2 * float(np.std(ratios, ddof=1)) / math.sqrt(len(ratios))
-    word = ("within the goal" if mean + noise <= FLOOR_GOAL else
-            "above the goal" if mean - noise > FLOOR_GOAL else "at the goal within the noise: not judged")
-    return f"per-run ratios {mean:.3f}, 2 s.e. {noise:.3f} over {len(ratios)} runs: {word}"
+    mean, noise = _mean_and_noise(ratios)
+    return f"per-run ratios {mean:.3f}, 2 s.e. {noise:.3f} over {len(ratios)} runs: {_judged(mean, noise)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -347,8 +359,8 @@ def quality(argv: Optional[Sequence[str]]) -> int:
         seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0]))
         chunking = {"chunks": 2, "chunk_steps": 2} if opts.quick else {}
         with contextlib.redirect_stdout(_Lines(lambda m: print(m, file=sys.stderr))):
-            step_ratio = interleaved_step_ratio(seed_cfg, device, **chunking)
-        print(drift_free_line(times, step_ratio) if step_ratio is not None else
+            step_ratios = interleaved_step_ratios(seed_cfg, device, **chunking)
+        print(drift_free_line(times, step_ratios) if step_ratios else
               f"floor, drift cancelled: not measured ({floor.steps} steps are too few to interleave in chunks)")
     return 0
 
