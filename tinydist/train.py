@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this
 import torch
 import torch.nn.functional as F
 
-from tinydist.ckpt.lease import Lease, claim_storage, confirm_claim
+from tinydist.ckpt.lease import Lease, claim_storage, confirm_claim, folders_to_create, remove_empty_folders
 from tinydist.ckpt.tiers import Tiers
 from tinydist.config import Config, load_config
 from tinydist.data.augment import augment
@@ -81,18 +81,20 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                                         stop.request, metadata_url=cfg.preemption.metadata_url,
                                         poll_s=cfg.preemption.poll_s, log=say)
     lease: Optional[Lease] = None
+    created: list[str] = []
     tiers: Optional[Tiers] = None
     runlog: Optional[RunLog] = None
     run: Optional[Run] = None
     try:
-        # Setup: the data (first: a source that cannot be read leaves nothing behind, not even a checkpoint
-        # folder), the storage probe and the lease (one job per checkpoint dir), the model and optimizer, built
-        # while the lease's settle window passes.
+        # Setup: the storage probe and the lease (one job per checkpoint dir; a second job is refused before
+        # the data's decode), the data and the model, loaded and built while the lease's settle window passes.
+        # A run that ends before it trains takes back the folders the probe made (see the `finally`).
+        created = folders_to_create(cfg) if accelerator.is_main_process else []
+        lease = claim_storage(cfg, stop, peers, say, confirm=False)
         with phases.timed("data"):
             data = load_data(cfg, accelerator, stop, say)
         if data is None:
             return EXIT_PREEMPTED
-        lease = claim_storage(cfg, stop, peers, say, confirm=False)
         run = build_run(cfg, accelerator, *data, say=say)
         confirm_claim(lease, stop, peers)  # before any checkpoint is read or written
         tiers = open_checkpoints(run, lease, peers, say)  # checkpoint.dir, and this machine's local tier
@@ -195,6 +197,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 say(f"could not close the trackers cleanly: {type(e).__name__}: {e}")
         if lease is not None:
             lease.release()
+        if tiers is None:  # nothing was trained or read: the folders the probe made go too, if still empty
+            remove_empty_folders(created)
 
 
 def _no_op() -> None:

@@ -180,3 +180,45 @@ def test_a_racer_that_writes_within_the_settle_window_wins_and_confirm_refuses(t
     assert not loser.held
     loser.release()
     assert json.loads(storage.read(LEASE))["holder"] == "elsewhere"  # the winner's, left in place
+
+
+def test_the_folders_the_claim_makes_are_given_back_when_still_empty(tmp_path):
+    from tinydist.ckpt.lease import folders_to_create, remove_empty_folders
+    from tinydist.config import load_config
+
+    (tmp_path / "runs").mkdir()
+    cfg = load_config([f"--train.output_dir={tmp_path}/runs/a/out", f"--checkpoint.dir={tmp_path}/ck/a/b",
+                       "--log.report_to=[]"])
+    created = folders_to_create(cfg)
+    assert created == [str(tmp_path / "ck/a/b"), str(tmp_path / "runs/a/out"), str(tmp_path / "ck/a"),
+                       str(tmp_path / "runs/a"), str(tmp_path / "ck")]  # deepest first; runs/ was there
+    for folder in created:
+        os.makedirs(folder, exist_ok=True)
+    (tmp_path / "runs/a/out/kept.txt").write_text("someone's file")
+    remove_empty_folders(created)
+    assert not (tmp_path / "ck").exists()  # made by the claim, empty: gone, parents included
+    assert (tmp_path / "runs/a/out/kept.txt").exists()  # not empty: kept, and so its parent
+    assert folders_to_create(load_config([f"--train.output_dir={tmp_path}/runs/a/out", "--log.report_to=[]",
+                                          "--checkpoint.dir=s3://bucket/ck"])) == []  # nothing local to make
+
+
+def test_a_second_job_is_refused_before_it_decodes_anything(tmp_path):
+    """train claims the checkpoint dir before it loads the data: a job meeting a live lease stops at once,
+    without building a decode cache (minutes on a first run) or leaving folders of its own behind."""
+    from helpers.train import tiny_args
+    from tinydist.config import load_config
+    from tinydist.train import train
+
+    ck = tmp_path / "ck"
+    holder = Lease(Storage(str(ck)), "runs/first", ttl_s=30, log=Logs(), settle_s=0.01)
+    holder.acquire()  # this process: alive, on this machine
+    try:
+        cfg = load_config(tiny_args(str(tmp_path / "cache"), str(tmp_path / "out"), checkpoint__dir=str(ck)))
+        with pytest.raises(LeaseHeldError) as err:
+            train(cfg)
+        assert "runs/first" in str(err.value)
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing decoded
+        assert not (tmp_path / "out").exists()  # the probe's folder, given back
+        assert json.loads(Storage(str(ck)).read(LEASE))["run"] == "runs/first"  # the holder's lease untouched
+    finally:
+        holder.release()
