@@ -10,9 +10,11 @@ drift for the steps themselves: `train_step` and the bare step alternate in shor
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from typing import Optional
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,3 +105,69 @@ def interleaved_step_ratios(cfg: config_lib.Config, device: torch.device, chunks
         return ratios
     finally:
         run.close()
+
+
+# ---- the judgement: the lines `bench quality` prints ----------------------------------------------------
+
+
+def floor_line(times: Sequence[dict[str, float]], floors: Sequence[tuple[float, float]], steps: int,
+               cache_s: float = 0.0) -> str:
+    """tinydist's end-to-end wall time (mean over its runs) against the bare loop's (the mean of the samples
+    taken just before and just after each run), where the rest went, and the one-off decode-cache build."""
+    wall = float(np.mean([t["time/wall_s"] for t in times]))
+    samples = [f for pair in floors for f in pair]
+    floor = float(np.mean(samples))
+    phases = [(name, float(np.mean([t.get(f"time/{key}_s", 0.0) for t in times])))
+              for name, key in (("data", "data"), ("start-up", "startup"), ("validation", "validation"),
+                                ("saves", "saves"), ("export", "export"))]
+    steps_s = float(np.mean([t["time/steps_s"] for t in times]))
+    rest = ", ".join(f"{name} {s:.1f} s ({100 * s / wall:.0f}%)" for name, s in phases)
+    # Each run against the two samples around it: their spread says how far the machine's drift lets this judge.
+    ratios = [t["time/wall_s"] / float(np.mean(pair)) for t, pair in zip(times, floors)]
+    per_run = ", ".join(f"{r:.2f}" for r in ratios)
+    return (f"floor: tinydist end-to-end {wall:.1f} s vs bare loop {floor:.1f} s ({steps} steps on pre-made tensors, "
+            f"{len(samples)} samples {min(samples):.1f}-{max(samples):.1f} s around the runs) -> ratio "
+            f"{wall / floor:.2f} (per run {per_run}; goal <= {FLOOR_GOAL}; with the decode cache built by the run, as "
+            "on a fresh machine: "
+            f"{(wall + cache_s) / floor:.2f}); beyond the floor: {rest}, steps {steps_s:.1f} s = "
+            f"{steps_s / floor:.2f} x floor (data loading, augmentation, EMA, logging inside the steps); "
+            + floor_verdict(ratios))
+
+
+FLOOR_GOAL = 1.08  # issue 21: end-to-end within 8% of the bare steps
+
+
+def drift_free_line(times: Sequence[dict[str, float]], step_ratios: Sequence[float]) -> str:
+    """The end-to-end ratio without the drift between a run and its floor samples: each run's wall time over
+    its own steps (the same minute: what start-up, validation, saves and export add) times `train_step`'s
+    time over the bare step's from interleaved chunks (`interleaved_step_ratios`: what the steps add), each
+    a mean with two standard errors, combined; a word only where the noise allows one."""
+    beyond = [t["time/wall_s"] / t["time/steps_s"] for t in times]
+    step, step_noise = _mean_and_noise(step_ratios)
+    extra, extra_noise = _mean_and_noise(beyond)
+    estimate = extra * step
+    noise = estimate * math.hypot(step_noise / step, extra_noise / extra)
+    return (f"floor, drift cancelled: train_step {step:.3f} ± {step_noise:.3f} x the bare step ({len(step_ratios)} "
+            f"interleaved chunk pairs in one process; mean ± 2 s.e.), the runs' phases beyond their steps "
+            f"+{100 * (extra - 1):.1f} ± {100 * extra_noise:.1f}% of them ({len(beyond)} runs) -> end-to-end "
+            f"{estimate:.3f} ± {noise:.3f} x the floor (goal <= {FLOOR_GOAL}): {_judged(estimate, noise)}")
+
+
+def _mean_and_noise(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and two standard errors (0 for a single value: nothing to say how far it may be off)."""
+    mean = float(np.mean(values))
+    return mean, (2 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def _judged(mean: float, noise: float) -> str:
+    return ("within the goal" if mean + noise <= FLOOR_GOAL else
+            "above the goal" if mean - noise > FLOOR_GOAL else "at the goal within the noise: not judged")
+
+
+def floor_verdict(ratios: Sequence[float]) -> str:
+    """The per-run ratios judged against FLOOR_GOAL as the accuracy gap is against zero: their mean, two
+    standard errors, and a word only where the noise allows one."""
+    if len(ratios) < 2:
+        return "one run: too few to judge against the machine's drift (--seeds)"
+    mean, noise = _mean_and_noise(ratios)
+    return f"per-run ratios {mean:.3f}, 2 s.e. {noise:.3f} over {len(ratios)} runs: {_judged(mean, noise)}"

@@ -107,7 +107,8 @@ def test_table_and_verdict_line_arithmetic():
 def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
     from tinydist import config
     from tinydist.bench.floor import bare_floor_seconds
-    from tinydist.bench.quality import SMOKE_RECIPE, floor_line
+    from tinydist.bench.floor import floor_line
+    from tinydist.bench.quality import SMOKE_RECIPE
 
     cfg = config.load_config(["--config", SMOKE_RECIPE, "--data.image_size=16", "--train.global_batch_size=8",
                               "--train.micro_batch_size=4"])
@@ -124,7 +125,7 @@ def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
 
 
 def test_the_drift_free_estimate_is_the_runs_own_overhead_times_the_interleaved_step_ratio():
-    from tinydist.bench.quality import drift_free_line
+    from tinydist.bench.floor import drift_free_line
 
     times = [{"time/wall_s": 63.0, "time/steps_s": 60.0}, {"time/wall_s": 72.8, "time/steps_s": 70.0}]
     # beyond the steps: 1.05 and 1.04 -> 1.045, 2 s.e. 0.010; steps 1.02 and 1.04 -> 1.030, 2 s.e. 0.020;
@@ -141,7 +142,7 @@ def test_the_drift_free_estimate_is_the_runs_own_overhead_times_the_interleaved_
 
 
 def test_the_floor_verdict_judges_the_per_run_ratios_against_their_noise():
-    from tinydist.bench.quality import floor_verdict
+    from tinydist.bench.floor import floor_verdict
 
     assert floor_verdict([1.02, 1.04, 1.03]) == "per-run ratios 1.030, 2 s.e. 0.012 over 3 runs: within the goal"
     assert floor_verdict([1.20, 1.22, 1.21]) == "per-run ratios 1.210, 2 s.e. 0.012 over 3 runs: above the goal"
