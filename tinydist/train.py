@@ -35,6 +35,7 @@ from tinydist.data.augment import augment
 from tinydist.data.hostmem import keep_freed_memory
 from tinydist.data.mix import apply_mix, soft_cross_entropy
 from tinydist.data.prefetch import Ready
+from tinydist.export.report import curves_png_in_background
 from tinydist.loop.accel import make_accelerator, requested_processes
 from tinydist.loop.cadence import SaveClock
 from tinydist.loop.console import Console
@@ -164,15 +165,18 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         run.close()
 
         # Finish: the last save committed, then the export (idempotent); trackers closed after the last barrier.
+        # The export's picture is drawn while the last save writes (the metrics file is whole: flushed first).
+        runlog.flush()
+        curves = curves_png_in_background(cfg.train.output_dir) if exit_code == EXIT_OK and \
+            accelerator.is_main_process else None
         try:
             with phases.timed("saves"):
                 tiers.wait()
         except DivergedError as e:  # the last save found what the last log step could not yet see
             raise guard.error(str(e), e.step or run.step, tiers.last_commit) from None
-        runlog.flush()  # the curves the export draws are whole
         if exit_code == EXIT_OK:
             exit_code = finish(cfg, checkpointer, run.bare_model, run.ema, run.step, metrics, run.train_data.classes,
-                               accelerator.is_main_process, say, phases)
+                               accelerator.is_main_process, say, phases, curves)
             runlog.log(phases.as_metrics(), run.step)  # for bench quality; after the export's curves
         accelerator.wait_for_everyone()  # no rank leaves (and gets its peers killed) before the commit
         if exit_code == EXIT_OK:

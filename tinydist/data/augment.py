@@ -113,9 +113,10 @@ def resize_matrix(scale: torch.Tensor, shift: torch.Tensor, size_in: int, size_o
     hi = (shift + scale.abs() + 1) * (size_in / 2)
     j = torch.arange(size_in, device=scale.device, dtype=scale.dtype) + 0.5  # input pixel centres
     radius = step.clamp(min=1.0)[:, None, None]
-    weights = (1 - (j - centre[:, :, None]).abs() / radius).clamp(min=0)
-    weights = weights * ((j >= lo[:, None, None]) & (j < hi[:, None, None]))
-    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+    # In place after the first: the same arithmetic, one (N, S, size_in) buffer instead of five (0.35 -> 0.2 ms).
+    weights = (j - centre[:, :, None]).abs_().div_(radius).neg_().add_(1).clamp_(min=0)
+    weights.mul_((j >= lo[:, None, None]) & (j < hi[:, None, None]))
+    return weights.div_(weights.sum(-1, keepdim=True).clamp_(min=1e-12))
 
 
 def augment(images: torch.Tensor, theta: torch.Tensor, channels_last: bool = True,
@@ -141,7 +142,11 @@ def augment(images: torch.Tensor, theta: torch.Tensor, channels_last: bool = Tru
     else:
         rows = resize_matrix(theta[:, 1, 1], theta[:, 1, 2], height, size)  # (N, S, H)
         cols = resize_matrix(theta[:, 0, 0], theta[:, 0, 2], width, size)  # (N, S, W)
-    x = torch.matmul(torch.matmul(rows[:, None], x), cols[:, None].transpose(-1, -2))
+    # Columns first, as one (3H x W) @ (W x S) product per image: NCHW rows are already that matrix, so only
+    # the smaller second product broadcasts. (Rows first broadcast both weight matrices over the channels:
+    # two copies, and 1.33 vs 0.91 ms a 32-image micro-batch on 2 cores.)
+    x = torch.bmm(x.view(n, 3 * height, width), cols.transpose(1, 2)).view(n, 3, height, size)
+    x = torch.matmul(rows[:, None], x)
     return _memory_format(x, channels_last)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import Callable, Optional
 
 import torch
@@ -20,19 +21,21 @@ from tinydist.runtime.exitcodes import EXIT_OK
 
 def finish(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema: Optional[ModelEma], step: int,
            metrics: dict[str, float], classes: list[str], main_process: bool, say: Callable[[str], None],
-           phases: Optional[Phases] = None) -> int:
+           phases: Optional[Phases] = None, curves: Optional[Future] = None) -> int:
     """Export the model (main process) unless the export in place is already exactly this one; the exit
     code. Rerun on a finished run, it completes a missing or partial export. Its line ends with where
-    the wall time went (`phases`, when given)."""
+    the wall time went (`phases`, when given). `curves`: the picture, drawing since the last save began
+    (report.curves_png_in_background); drawn here when not given."""
     phases = phases or Phases()
     if main_process:
         began = time.perf_counter()
         module, provenance = exported_weights(cfg, checkpointer, model, ema, step, metrics)
         model_url = f"{cfg.train.output_dir.rstrip('/')}/model"
-        names, curves = class_names(cfg.data, classes), curves_png(cfg.train.output_dir)
+        names = class_names(cfg.data, classes)
+        curves_bytes = curves.result() if curves is not None else curves_png(cfg.train.output_dir)
         wrote = retry_storage(lambda: export_if_changed(module, model_url, cfg.checkpoint.max_shard_size, cfg=cfg,
                                                         classes=classes, class_names=names, provenance=provenance,
-                                                        curves_png=curves),
+                                                        curves_png=curves_bytes),
                               f"exporting the model to {model_url}", max_outage_s=cfg.checkpoint.max_outage_s,
                               retry_s=cfg.checkpoint.retry_s, log=say)
         phases.spent["export"] += time.perf_counter() - began

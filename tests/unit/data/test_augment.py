@@ -150,3 +150,29 @@ def test_to_device_keeps_uint8():
     images_, targets = to_device(pixels, labels, torch.device("cpu"))
     assert images_.dtype == torch.uint8 and targets.dtype == torch.int64
     assert np.array_equal(images_.numpy(), pixels) and targets.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (48, 40)])
+def test_downscaled_crops_are_torchvisions_antialiased_resized_crop(height, width):
+    """At a smaller output size each crop is resampled as torchvision's `resized_crop(antialias=True)`
+    resamples it (integer boxes here, where torchvision's are defined), flips mirrored: the matmul
+    formulation in `augment` is a speed-up, not another filter."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from tinydist.data.augment import augment, normalise
+
+    x = images(n=6, size=64, seed=5)[:, :height, :width].contiguous()
+    boxes = [(0, 0, height, width), (3, 5, 30, 22), (10, 1, 17, 37), (20, 8, 28, 28), (1, 2, 40, 33), (7, 7, 9, 12)]
+    flips = [False, True, False, True, True, False]
+    theta = torch.zeros(6, 2, 3)
+    for k, ((top, left, h, w), flip) in enumerate(zip(boxes, flips)):
+        theta[k, 0, 0] = w / width * (-1 if flip else 1)
+        theta[k, 0, 2] = (2 * left + w) / width - 1
+        theta[k, 1, 1] = h / height
+        theta[k, 1, 2] = (2 * top + h) / height - 1
+    out = augment(x, theta, channels_last=False, size=16)
+    full = normalise(x)
+    for k, ((top, left, h, w), flip) in enumerate(zip(boxes, flips)):
+        expected = TF.resized_crop(full[k], top, left, h, w, [16, 16], antialias=True)
+        expected = expected.flip(-1) if flip else expected
+        assert torch.allclose(out[k], expected, atol=2e-5), (k, (out[k] - expected).abs().max())

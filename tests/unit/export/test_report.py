@@ -438,6 +438,32 @@ def test_curves_png_is_drawn_afresh_else_the_old_file_else_none(tmp_path: Path, 
     assert report.curves_png(str(tmp_path / "never-ran")) is None  # nothing at all: None, never a raise
 
 
+def test_curves_drawn_in_the_background_are_curves_png_and_do_not_hold_up_the_caller(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """train starts the picture as the last save begins to write: the call returns at once, the drawing
+    goes on, and its result (or its error) is curves_png's."""
+    import threading
+
+    run = write_run(tmp_path / "run", smoke_like((PREEMPTED, RESUMED)))
+    assert report.curves_png_in_background(str(run)).result(timeout=60) == report.curves_png(str(run))
+
+    release, draws = threading.Event(), []
+
+    def slow_drawing(run_dir: str) -> bytes:
+        draws.append(threading.current_thread().name)
+        release.wait(timeout=10)
+        if not release.is_set():
+            raise AssertionError("never released")
+        return PNG_SIGNATURE + run_dir.encode()
+
+    monkeypatch.setattr(report, "curves_png", slow_drawing)
+    drawing = report.curves_png_in_background("runs/x")
+    assert not drawing.done()  # returned while the picture is still being drawn
+    release.set()
+    assert drawing.result(timeout=10) == PNG_SIGNATURE + b"runs/x"
+    assert draws and draws[0].startswith("tinydist-curves")
+
+
 def test_a_torn_line_is_left_out_not_a_crash(tmp_path: Path) -> None:
     """A kill mid-write can leave half a line at the end of metrics.jsonl: the report draws the rest."""
     run = tmp_path / "run"
