@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
@@ -132,7 +133,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         phases.until_now("start-up")
         exit_code = EXIT_OK
         while run.step < run.last_step:
+            began = time.perf_counter()
             lr = train_step(run, before_update=tiers.snapshot_barrier)  # a save may still be copying
+            phases.save_drag.step(time.perf_counter() - began, saving=tiers.writing())
             tiers.progress(run.step)
             stopping, faulted, clock_due, local_lost = stop.agreed(peers, tiers.fault is not None, clock.due(),
                                                                    tiers.local_failed)

@@ -121,6 +121,7 @@ def floor_line(times: Sequence[dict[str, float]], floors: Sequence[tuple[float, 
               for name, key in (("data", "data"), ("start-up", "startup"), ("validation", "validation"),
                                 ("saves", "saves"), ("export", "export"))]
     steps_s = float(np.mean([t["time/steps_s"] for t in times]))
+    drag = float(np.mean([t.get("time/save_drag_s", 0.0) for t in times]))
     rest = ", ".join(f"{name} {s:.1f} s ({100 * s / wall:.0f}%)" for name, s in phases)
     # Each run against the two samples around it: their spread says how far the machine's drift lets this judge.
     ratios = [t["time/wall_s"] / float(np.mean(pair)) for t, pair in zip(times, floors)]
@@ -130,7 +131,8 @@ def floor_line(times: Sequence[dict[str, float]], floors: Sequence[tuple[float, 
             f"{wall / floor:.2f} (per run {per_run}; goal <= {FLOOR_GOAL}; with the decode cache built by the run, as "
             "on a fresh machine: "
             f"{(wall + cache_s) / floor:.2f}); beyond the floor: {rest}, steps {steps_s:.1f} s = "
-            f"{steps_s / floor:.2f} x floor (data loading, augmentation, EMA, logging inside the steps); "
+            f"{steps_s / floor:.2f} x floor (data loading, augmentation, EMA, logging inside the steps; {drag:.1f} s of "
+            "them slowed by saves writing in the background); "
             + floor_verdict(ratios))
 
 
@@ -139,16 +141,18 @@ FLOOR_GOAL = 1.08  # issue 21: end-to-end within 8% of the bare steps
 
 def drift_free_line(times: Sequence[dict[str, float]], step_ratios: Sequence[float]) -> str:
     """The end-to-end ratio without the drift between a run and its floor samples: each run's wall time over
-    its own steps (the same minute: what start-up, validation, saves and export add) times `train_step`'s
-    time over the bare step's from interleaved chunks (`interleaved_step_ratios`: what the steps add), each
-    a mean with two standard errors, combined; a word only where the noise allows one."""
-    beyond = [t["time/wall_s"] / t["time/steps_s"] for t in times]
+    its own steps less what background saves slowed them by (the same minute: what start-up, validation,
+    saves and export add; the chunks below save nothing) times `train_step`'s time over the bare step's from
+    interleaved chunks (`interleaved_step_ratios`: what the steps add), each a mean with two standard
+    errors, combined; a word only where the noise allows one."""
+    beyond = [t["time/wall_s"] / (t["time/steps_s"] - t.get("time/save_drag_s", 0.0)) for t in times]
     step, step_noise = _mean_and_noise(step_ratios)
     extra, extra_noise = _mean_and_noise(beyond)
     estimate = extra * step
     noise = estimate * math.hypot(step_noise / step, extra_noise / extra)
     return (f"floor, drift cancelled: train_step {step:.3f} ± {step_noise:.3f} x the bare step ({len(step_ratios)} "
-            f"interleaved chunk pairs in one process; mean ± 2 s.e.), the runs' phases beyond their steps "
+            f"interleaved chunk pairs in one process; mean ± 2 s.e.), the runs' phases beyond their steps (saves' "
+            f"slowdown of the steps included) "
             f"+{100 * (extra - 1):.1f} ± {100 * extra_noise:.1f}% of them ({len(beyond)} runs) -> end-to-end "
             f"{estimate:.3f} ± {noise:.3f} x the floor (goal <= {FLOOR_GOAL}): {_judged(estimate, noise)}")
 

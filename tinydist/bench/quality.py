@@ -280,7 +280,9 @@ def quality(argv: Optional[Sequence[str]]) -> int:
                 if variant == "tinydist":
                     times.append(metrics)
                     detail += "; " + ", ".join(f"{k[5:-2]} {v:.1f} s" for k, v in metrics.items()
-                                               if k.startswith("time/") and k != "time/wall_s")
+                                               if k.startswith("time/") and k not in ("time/wall_s", "time/save_drag_s"))
+                    if metrics.get("time/save_drag_s", 0.0) >= 0.05:
+                        detail += f", {metrics['time/save_drag_s']:.1f} s of them slowed by background saves"
             results[variant].append(acc)
             walls[variant].append(time.perf_counter() - t0)
             print(f"  {variant} seed {seed}: top-1 {100 * acc:.2f} ({walls[variant][-1]:.0f} s{detail})", flush=True)

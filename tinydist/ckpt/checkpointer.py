@@ -192,6 +192,11 @@ class Checkpointer:
             return
         self.wait()
 
+    def writing(self) -> bool:
+        """A save's thread is still at work (for the loop's account of what saves cost the steps)."""
+        inflight = self._inflight
+        return inflight is not None and inflight.thread is not None and inflight.thread.is_alive()
+
     def wait(self) -> None:
         """Wait for the in-flight save (rank 0: including commit and cleanup); re-raise its error."""
         inflight, self._inflight = self._inflight, None

@@ -100,6 +100,11 @@ class Tiers:
     def wait(self) -> None:
         self.durable.wait()
 
+    def writing(self) -> bool:
+        """A durable save is writing in the background now (the local tier's every-step writes are part of a
+        step's cost when it is on, not an extra)."""
+        return self.durable.writing()
+
     def close(self, abandon: bool = False) -> None:
         self._stop_copying()
         if self.local is not None:

@@ -4,6 +4,8 @@ nothing in training reads it, so the run stays a pure function of (config, seed,
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import time
 from typing import Iterator
@@ -18,6 +20,7 @@ class Phases:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.spent: dict[str, float] = {name: 0.0 for name in PHASES}
+        self.save_drag = SaveDrag()  # what background saves cost the steps, inside "steps"
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -45,8 +48,33 @@ class Phases:
         seconds = self.seconds()
         wall = seconds.pop("wall")
         parts = sorted(((s, n) for n, s in seconds.items() if s >= 0.05), reverse=True)
-        return f"wall {wall:.0f} s: " + ", ".join(f"{n} {100 * s / max(wall, 1e-9):.0f}% ({s:.1f} s)" for s, n in parts)
+        drag = self.save_drag.seconds
+        return (f"wall {wall:.0f} s: " + ", ".join(f"{n} {100 * s / max(wall, 1e-9):.0f}% ({s:.1f} s)" for s, n in parts)
+                + (f"; the steps include {drag:.1f} s of slowdown while saves wrote in the background" if drag >= 0.05
+                   else ""))
 
     def as_metrics(self) -> dict[str, float]:
         """`time/<phase>_s` for metrics.jsonl (bench quality reads them back)."""
-        return {f"time/{name.replace('-', '')}_s": round(s, 3) for name, s in self.seconds().items()}
+        return {**{f"time/{name.replace('-', '')}_s": round(s, 3) for name, s in self.seconds().items()},
+                "time/save_drag_s": round(self.save_drag.seconds, 3)}
+
+
+class SaveDrag:
+    """Seconds the steps lost to saves writing in the background: each step taken while one writes, beyond
+    the median of the last `window` steps taken while none did. On a GPU the writer uses idle host cores;
+    on a CPU it takes cores from the compute, and that cost shows only here, inside the steps' time."""
+
+    def __init__(self, window: int = 31) -> None:
+        self.seconds = 0.0
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._sorted: list[float] = []
+
+    def step(self, seconds: float, saving: bool) -> None:
+        if saving:
+            if self._sorted:
+                self.seconds += max(0.0, seconds - self._sorted[len(self._sorted) // 2])
+            return
+        if len(self._recent) == self._recent.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
+        self._recent.append(seconds)
+        bisect.insort(self._sorted, seconds)

@@ -115,12 +115,13 @@ def test_floor_runs_at_quick_sizes_and_the_floor_line_adds_up():
     seconds = bare_floor_seconds(cfg, 2, 10, torch.device("cpu"), total_steps=4, warmup_steps=1)
     assert 0 < seconds < 600
     times = [{"time/wall_s": 12.0, "time/data_s": 1.0, "time/startup_s": 1.0, "time/validation_s": 2.0,
-              "time/saves_s": 0.5, "time/export_s": 0.5, "time/steps_s": 7.0}]
+              "time/saves_s": 0.5, "time/export_s": 0.5, "time/steps_s": 7.0, "time/save_drag_s": 0.4}]
     line = floor_line(times, [(4.0, 6.0)], 40, cache_s=3.0)  # the floor: the mean of the samples around the run
     assert line.startswith("floor: tinydist end-to-end 12.0 s vs bare loop 5.0 s (40 steps on pre-made tensors, "
                            "2 samples 4.0-6.0 s around the runs) -> ratio 2.40 (per run 2.40; goal <= 1.08; with the "
                            "decode cache built by the run, as on a fresh machine: 3.00)"), line
     assert "validation 2.0 s (17%)" in line and "steps 7.0 s = 1.40 x floor" in line, line
+    assert "0.4 s of them slowed by saves writing in the background" in line, line
     assert line.endswith("; one run: too few to judge against the machine's drift (--seeds)"), line
 
 
@@ -132,13 +133,20 @@ def test_the_drift_free_estimate_is_the_runs_own_overhead_times_the_interleaved_
     # 1.045 x 1.030 = 1.0764, noise 1.0764 x hypot(0.020 / 1.030, 0.010 / 1.045) = 0.0232.
     line = drift_free_line(times, [1.02, 1.04])
     assert line == ("floor, drift cancelled: train_step 1.030 ± 0.020 x the bare step (2 interleaved chunk pairs in "
-                    "one process; mean ± 2 s.e.), the runs' phases beyond their steps +4.5 ± 1.0% of them (2 runs) "
+                    "one process; mean ± 2 s.e.), the runs' phases beyond their steps (saves' slowdown of the steps "
+                    "included) +4.5 ± 1.0% of them (2 runs) "
                     "-> end-to-end 1.076 ± 0.023 x the floor (goal <= 1.08): at the goal within the noise: not "
                     "judged"), line
     assert drift_free_line(times, [1.000, 1.002, 1.001]).endswith("end-to-end 1.046 ± 0.010 x the floor (goal <= "
                                                                   "1.08): within the goal")
     assert drift_free_line(times, [1.07, 1.08, 1.09]).endswith("end-to-end 1.129 ± 0.016 x the floor (goal <= 1.08): "
                                                                "above the goal")
+    # The chunks save nothing: what background saves slowed a run's steps by counts beyond them.
+    # 63 / (60 - 1.2) = 1.0714, 72.8 / (70 - 1.4) = 1.0612 -> 1.0663; x 1.030 = 1.098.
+    dragged = [{**times[0], "time/save_drag_s": 1.2}, {**times[1], "time/save_drag_s": 1.4}]
+    assert "beyond their steps (saves' slowdown of the steps included) +6.6 ± 1.0% of them" in \
+        drift_free_line(dragged, [1.02, 1.04])
+    assert "end-to-end 1.098 ±" in drift_free_line(dragged, [1.02, 1.04])
 
 
 def test_the_floor_verdict_judges_the_per_run_ratios_against_their_noise():
@@ -201,7 +209,7 @@ def test_bench_quality_quick_runs_the_main_recipe_features(tmp_path, capsys):
     assert ("tinydist: train() as configured (train_step, validate, saves, export): mix cutmix 1 / mixup 0, prob 0.5; "
             "EMA half-life 0.2 of the run; PreciseBN 256 images;") in out, out
     assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+, ema [\d.]+; data [\d.]+ s, .*"
-                     r"validation [\d.]+ s, saves [\d.]+ s, .*steps [\d.]+ s\)$", out, re.M), out
+                     r"validation [\d.]+ s, saves [\d.]+ s, .*steps [\d.]+ s(, [\d.]+ s of them slowed by background saves)?\)$", out, re.M), out
     assert re.search(r"^decode cache: [\d.]+ s before the timed runs", out, re.M), out  # built here: a fresh cache_dir
     assert re.search(r"^  floor seed 0: 8 bare steps [\d.]+ s before, [\d.]+ s after$", out, re.M), out
     assert re.search(r"^floor, drift cancelled: train_step \d+\.\d{3} ± \d+\.\d{3} x the bare step \(2 interleaved "
