@@ -133,9 +133,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         phases.until_now("start-up")
         exit_code = EXIT_OK
         while run.step < run.last_step:
-            began = time.perf_counter()
+            began, saving = time.perf_counter(), tiers.writing()  # a save that ends during the step slowed it too
             lr = train_step(run, before_update=tiers.snapshot_barrier)  # a save may still be copying
-            phases.save_drag.step(time.perf_counter() - began, saving=tiers.writing())
+            phases.save_drag.step(time.perf_counter() - began, saving=saving or tiers.writing())
             tiers.progress(run.step)
             stopping, faulted, clock_due, local_lost = stop.agreed(peers, tiers.fault is not None, clock.due(),
                                                                    tiers.local_failed)

@@ -330,6 +330,7 @@ def test_metrics_file_and_config_round_trip(smoke_run):
     timing = [m for m in metrics if any(k.startswith("time/") for k in m)]  # where the wall time went, at the end
     assert len(train) + len(val) + len(timing) == len(metrics)
     assert len(timing) == 1 and timing[0]["step"] == total_steps and timing[0]["time/steps_s"] > 0, timing
+    assert 0 <= timing[0]["time/save_drag_s"] < timing[0]["time/steps_s"], timing  # inside the steps' time
     for rows in (train, val):
         assert all(a["step"] < b["step"] for a, b in zip(rows, rows[1:])), [r["step"] for r in rows]
     assert [m["step"] for m in train] == [s for s in range(1, total_steps + 1)

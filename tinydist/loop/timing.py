@@ -60,7 +60,7 @@ class Phases:
 
 
 class SaveDrag:
-    """Seconds the steps lost to saves writing in the background: each step taken while one writes, beyond
+    """Seconds the steps lost to saves writing in the background: each step during which one wrote, beyond
     the median of the last `window` steps taken while none did. On a GPU the writer uses idle host cores;
     on a CPU it takes cores from the compute, and that cost shows only here, inside the steps' time."""
 
