@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 import time
+from concurrent.futures import Future
 from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # `accelerate launch tinydist/train.py` runs this file as a script
@@ -132,6 +133,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         run.start_loop()
         phases.until_now("start-up")
         exit_code = EXIT_OK
+        curves: Optional[Future] = None  # the export's picture, drawn while the last save writes
         while run.step < run.last_step:
             began, saving = time.perf_counter(), tiers.writing()  # a save that ends during the step slowed it too
             lr = train_step(run, before_update=tiers.snapshot_barrier)  # a save may still be copying
@@ -156,6 +158,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
                 with phases.timed("validation"):
                     metrics = validate(run, runlog, say)
             durable_due = tiers.lose_local(local_lost) or triggers.should_save(run.step, stopping, clock_due)
+            if run.step == run.last_step and not stopping and accelerator.is_main_process:
+                runlog.flush()  # the metrics file is whole: the export's picture is drawn while the last save writes
+                curves = curves_png_in_background(cfg.train.output_dir)
             with phases.timed("saves"):
                 save_after_step(run, tiers, clock, runlog, metrics, durable_due=durable_due, stopping=stopping,
                                 signal_name=stop.signal_name, say=say)
@@ -168,15 +173,12 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> int:
         run.close()
 
         # Finish: the last save committed, then the export (idempotent); trackers closed after the last barrier.
-        # The export's picture is drawn while the last save writes (the metrics file is whole: flushed first).
-        runlog.flush()
-        curves = curves_png_in_background(cfg.train.output_dir) if exit_code == EXIT_OK and \
-            accelerator.is_main_process else None
         try:
             with phases.timed("saves"):
                 tiers.wait()
         except DivergedError as e:  # the last save found what the last log step could not yet see
             raise guard.error(str(e), e.step or run.step, tiers.last_commit) from None
+        runlog.flush()  # the curves the export draws are whole
         if exit_code == EXIT_OK:
             exit_code = finish(cfg, checkpointer, run.bare_model, run.ema, run.step, metrics, run.train_data.classes,
                                accelerator.is_main_process, say, phases, curves)

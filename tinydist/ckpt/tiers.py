@@ -72,12 +72,10 @@ class Tiers:
         the local tier, or whose tier is off, return at once from the save."""
         return self.local_active and step % self.local.every_steps == 0
 
-    def save(self, step: int, sets: Sets, state: TrainState, *, durable: bool, blocking: bool,
-             final: bool = False) -> None:
+    def save(self, step: int, sets: Sets, state: TrainState, *, durable: bool, blocking: bool) -> None:
         """Checkpoint `step`: in the local tier (`durable` False), or a durable one — copied from a local
-        save while the local tier is on, otherwise (and always when `blocking` or `final`: `wait` then
-        covers it) an ordinary save."""
-        if durable and (blocking or final or not self.local_active):
+        save while the local tier is on, otherwise (and always when `blocking`) an ordinary save."""
+        if durable and (blocking or not self.local_active):
             self._stop_copying()  # a copy still running must not race this commit's cleanup
             self.durable.save(step, sets=sets, state=state, blocking=blocking)
             return

@@ -239,9 +239,9 @@ def curves_png(run_dir: str) -> Optional[bytes]:
 
 
 def curves_png_in_background(run_dir: str) -> Future:
-    """`curves_png` on a thread, started now; its Future. train starts it as the last checkpoint begins to
-    write and the export takes the picture from it: drawing (and, in a fresh process, importing
-    matplotlib: ~1 s of the export's 1.6 s) overlaps the save's write instead of following it."""
+    """`curves_png` on a thread, started now; its Future. train starts it just before the last step's save
+    and the export takes the picture from it: drawing (and, in a fresh process, importing matplotlib: ~1 s
+    of the export's 1.6 s) overlaps the save instead of following it."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinydist-curves")
     drawn = pool.submit(curves_png, run_dir)
     pool.shutdown(wait=False)  # takes no more work; the drawing goes on

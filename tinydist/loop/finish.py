@@ -24,8 +24,8 @@ def finish(cfg: Config, checkpointer: Checkpointer, model: torch.nn.Module, ema:
            phases: Optional[Phases] = None, curves: Optional[Future] = None) -> int:
     """Export the model (main process) unless the export in place is already exactly this one; the exit
     code. Rerun on a finished run, it completes a missing or partial export. Its line ends with where
-    the wall time went (`phases`, when given). `curves`: the picture, drawing since the last save began
-    (report.curves_png_in_background); drawn here when not given."""
+    the wall time went (`phases`, when given). `curves`: the picture, drawing since just before the last
+    save (report.curves_png_in_background); drawn here when not given."""
     phases = phases or Phases()
     if main_process:
         began = time.perf_counter()

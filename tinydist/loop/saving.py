@@ -17,10 +17,9 @@ from tinydist.runtime.exitcodes import TransientError
 
 
 def save(run: Run, tiers: Tiers, clock: SaveClock, wandb_run_id: Optional[str], metrics: dict[str, float],
-         blocking: bool, durable: bool = True, final: bool = False) -> None:
+         blocking: bool, durable: bool = True) -> None:
     """A checkpoint of step `run.step`, durable or (`durable` False) in the local tier only; in the
-    background unless `blocking` (a stop). `final` (the last step): an ordinary durable save, not a copy
-    from the local tier, that train waits for after the loop (Tiers.save)."""
+    background unless `blocking` (a stop, the last step)."""
     sync_buffers(run)
     cfg, step = run.cfg, run.step
     started = time.perf_counter()
@@ -29,23 +28,22 @@ def save(run: Run, tiers: Tiers, clock: SaveClock, wandb_run_id: Optional[str], 
                        global_batch_size=cfg.train.global_batch_size, config=config_lib.to_dict(cfg),
                        device=run.device.type, wandb_run_id=wandb_run_id, metrics=finite_or_none(metrics),
                        run_id=tiers.local and tiers.local.run_id)
-    tiers.save(step, sets, state, durable=durable, blocking=blocking, final=final)
+    tiers.save(step, sets, state, durable=durable, blocking=blocking)
     if durable:
         clock.saved(time.perf_counter() - started)
 
 
 def save_after_step(run: Run, tiers: Tiers, clock: SaveClock, runlog: RunLog, metrics: dict[str, float], *,
                     durable_due: bool, stopping: bool, signal_name: str, say: Callable[[str], None]) -> None:
-    """What a step's end saves: a durable checkpoint when one is due (waited for when stopping; at the
-    last step train waits for it after the loop, drawing the curves meanwhile), else this machine's local
-    snapshot when the local tier is due, else nothing.
+    """What a step's end saves: a durable checkpoint when one is due (waited for when stopping or at the
+    last step), else this machine's local snapshot when the local tier is due, else nothing.
 
     A full disk on a durable save is not the end of a run that goes on (the export still happens), but a
     stop with nothing saved to stop after is: a TransientError, so that the launcher backs off rather
     than relaunching into the same full disk."""
     if durable_due:
         try:
-            save(run, tiers, clock, runlog.run_id, metrics, blocking=stopping, final=run.step == run.last_step)
+            save(run, tiers, clock, runlog.run_id, metrics, blocking=stopping or run.step == run.last_step)
         except StorageFullError as e:
             if stopping:
                 raise TransientError(f"stopping after {signal_name}, but the checkpoint could not be saved ({e}); "

@@ -282,17 +282,13 @@ def test_a_durable_tier_down_past_max_outage_stops_the_run_with_a_transient_faul
     tiers.close()
 
 
-def test_the_last_steps_save_is_an_ordinary_durable_one_written_in_the_background(tmp_path, shm, monkeypatch):
-    """With the local tier on, the run's last save (`final`) is not a copy the promoter may still be making
-    at exit but the durable tier's own save, in the background (train draws the export's curves
-    meanwhile): `writing` says so, and `wait` is its commit."""
+
+def test_writing_is_true_while_a_background_durable_save_writes(tmp_path, monkeypatch):
+    """What the loop's SaveDrag asks after each step: a durable save still writing on its own thread."""
     cfg, lines = config(tmp_path), []
     model, optimizer = model_and_optimizer()
     durable = Checkpointer(str(tmp_path / "ck"), keep_last=2, log=lines.append, world_size=1)
-    run_id = run_identity(durable.storage, fresh=True)
-    local = local_tier(shm, run_id, lines)
-    promoter, tiers = promoted_tiers(durable, local, lines, world_size=1, max_outage_s=30.0, retry_s=0.1)
-    sets = {"model": model, "optimizer": optimizer}
+    tiers = Tiers(durable, log=lines.append)
     release, write = threading.Event(), durable.storage.write
 
     def slow_write(name: str, data: object) -> None:
@@ -301,12 +297,10 @@ def test_the_last_steps_save_is_an_ordinary_durable_one_written_in_the_backgroun
 
     monkeypatch.setattr(durable.storage, "write", slow_write)
     assert not tiers.writing()
-    tiers.save(7, sets, state(cfg, 7, run_id), durable=True, blocking=False, final=True)
+    tiers.save(7, {"model": model, "optimizer": optimizer}, state(cfg, 7, "r"), durable=True, blocking=False)
     assert tiers.writing()  # returned at once; the save writes on its own thread
     release.set()
     tiers.wait()
     assert not tiers.writing()
     assert [folder_step(p) for p in durable.committed()] == [7], lines
-    assert not any("copied from the local tier" in line for line in lines), lines
-    local.close()
     tiers.close()
