@@ -5,6 +5,7 @@ side is training itself (train_step, validate), the recipe as configured."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import sys
 from pathlib import Path
@@ -232,4 +233,6 @@ def test_interleaving_needs_two_chunks_per_side_and_a_short_run_says_it_has_none
     assert interleaved_step_ratios(config.load_config(args + ["--train.max_steps=3"]), torch.device("cpu")) == []
     ratios = interleaved_step_ratios(config.load_config(args + ["--train.max_steps=6"]), torch.device("cpu"),
                                      chunks=2, chunk_steps=2)
-    assert len(ratios) == 2 and all(0.2 < r < 5 for r in ratios), ratios  # real timings of comparable steps
+    # One ratio per chunk pair, each of two real timings. Their size is the machine's to say (a loaded CI
+    # machine has read 0.1 for two 2-step chunks): how big a step is, is the bench's question, not a test's.
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), ratios
