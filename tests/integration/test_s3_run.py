@@ -27,7 +27,9 @@ def s3(moto: str):
 def test_run_in_a_bucket_resumes_from_it(s3, cache_dir):
     client, bucket, env = s3
     out = f"s3://{bucket}/run"
-    args = tiny_args(cache_dir, out, checkpoint__every_steps=2, checkpoint__keep_last=2)
+    # No best to keep: which of steps 3 and 5 scores higher on a 5-step run is float noise (it changed with
+    # the installed packages), and this test is about keep_last deleting on the bucket.
+    args = tiny_args(cache_dir, out, checkpoint__every_steps=2, checkpoint__keep_last=2, checkpoint__best_metric="none")
     first = run_train(args + ["--train.max_steps=3"], env=train_env(env))
     assert first.returncode == 0, describe(first)
     second = run_train(args + ["--train.max_steps=5"], env=train_env(env))
