@@ -8,8 +8,8 @@
 Each leg stops at its step with --train.max_steps (a finished run, exported; the next leg's larger
 max_steps resumes it: the schedule's length comes from train.epochs, not from max_steps). The run
 that never moved (1 process, 4 steps) is the yardstick:
-- weights and BN buffers allclose to it at the end (the process count changed, so float rounding
-  differs), and bitwise equal at leg 1's commit, where it had not changed yet;
+- weights and BN buffers within 1% of its last step's length of it at the end (the process count
+  changed, so float rounding differs), and bitwise equal at leg 1's commit, where it had not changed yet;
 - every commit's state.json counts samples = step x global batch;
 - one W&B run id (offline) in every leg and every checkpoint; metrics.jsonl one curve, steps 1..4 once each.
 
@@ -107,17 +107,30 @@ def test_one_run_through_every_launcher_and_process_count(reference: Path, cache
     assert leg.returncode == 0 and "spot_relaunch: launch 1/1" in leg.stderr, describe(leg)
     assert "global batch 32 = 8 x 1 processes x 4 accumulation" in leg.stdout, describe(leg)
 
-    # Bitwise where the process count had not changed yet; allclose at the end, after 1 -> 2 -> 4 -> 1.
+    # Bitwise where the process count had not changed yet; at the end, after 1 -> 2 -> 4 -> 1, close to the
+    # run that never moved, measured against the size of its last step. A process-count change reorders
+    # float sums and this little network amplifies that ~30-fold a step (the largest |difference| at steps
+    # 2, 3, 4: 1.5e-8, 1e-6, 6e-4 with the packages of 2026-12-04; 1e-5 at step 4 with those of 12-03), so an
+    # absolute tolerance is a bet on the rounding. A resume fault (a lost momentum buffer, a wrong rate or
+    # batch, a step repeated or skipped) changes a step by a good part of itself; rounding moved the last one
+    # by 0.08% of its length (L2 over every weight and buffer).
     early, want_early = weights(step_dir(out, 1)), weights(step_dir(reference, 1))
     assert sorted(early) == sorted(want_early)
     assert all(torch.equal(early[k], want_early[k]) for k in want_early), "leg 1 is not the reference, bit for bit"
     got, want = weights(out / "model"), weights(reference / "model")
-    assert sorted(got) == sorted(want)
-    far = {k: (got[k].double() - want[k].double()).abs().max().item() for k in want
-           if not torch.allclose(got[k].double(), want[k].double(), rtol=1e-4, atol=5e-5)}  # measured: up to 1e-5
+    before_last = weights(step_dir(reference, LAST - 1))
+    assert sorted(got) == sorted(want) == sorted(before_last)
+
+    def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[k].double().flatten() for k in sorted(tensors)])
+
+    gap, last_step = (flat(got) - flat(want)).norm().item(), (flat(want) - flat(before_last)).norm().item()
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
-    print(f"after 1 -> 2 -> 4 -> 1 processes: max |tensor - never moved| = {worst:.3g}")  # -s shows it
-    assert not far, f"{len(far)} of {len(want)} tensors not allclose to the run that never moved: {far}"
+    print(f"after 1 -> 2 -> 4 -> 1 processes: |weights - never moved| = {gap:.3g} = {gap / last_step:.2%} of the "
+          f"last step's {last_step:.3g} (max per element {worst:.3g})")  # -s shows it
+    assert last_step > 0, "the last leg trained nothing"
+    assert gap <= 0.01 * last_step, (f"after 1 -> 2 -> 4 -> 1 processes the weights are {gap:.3g} from the run that "
+                                     f"never moved: {gap / last_step:.2%} of its last step ({last_step:.3g})")
     assert any(not torch.equal(got[k], early[k]) for k in got), "the legs after the first trained nothing"
 
     # The position is one integer: samples = step x global batch in every commit; one W&B run throughout.
