@@ -40,7 +40,7 @@ from tinydist.bench.checkpoint import bench_checkpoint_stall
 from tinydist.bench.common import free_device_memory, quiet, say
 from tinydist.bench.gpu_runs import (BareRun, RealRun, gpu_sizes, loop_args, make_source, run_bare_loop,
                                      run_pipeline, run_real_loop, smoke_sizes)
-from tinydist.data.cache import load_split
+from tinydist.data.cache import load_train_val
 from tinydist.data.hostmem import keep_freed_memory
 
 SKIP_LINE = "gpu: skipped: no CUDA device (torch.cuda.is_available() is False)"
@@ -89,8 +89,9 @@ def bench_gpu(tmp: str, quick: bool, device: torch.device, _force_device: Option
         with quiet():  # progress bars of `datasets`
             make_source(source, sizes)
             cfg = config_lib.load_config(args)
-            state["cache"] = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_samples, log=print)
-            load_split(cfg.data, cfg.data.val_split, cfg.data.max_val_samples, log=print)
+            # The caches train opens (the training split at data.train_detail): the H200 run of 2026-12-04 built
+            # the training split at detail 1 here, and the first real loop built it again.
+            state["cache"], _ = load_train_val(cfg.data, log=print)
         state["cfg"], state["build_s"] = cfg, time.perf_counter() - t0
         steps_per_epoch = len(state["cache"]) / sizes.global_batch
         if sizes.max_steps >= math.floor(steps_per_epoch):
