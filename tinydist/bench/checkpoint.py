@@ -138,7 +138,6 @@ def bench_checkpoint(tmp: str, quick: bool, device: torch.device) -> None:
     try:
         cost.step(), cost.torch_save(), cost.full_write()  # warm-up: lazy imports, allocator, page cache, buffers
         one_step = statistics.median(timed(cost.step) for _ in range(3))
-        cost.full_write()
         steps, beside_s = cost.steps_to_hide_a_save(one_step)
         extra, base, rounds = cost.measure(steps, repeats, budget_s=120.0)
     finally:
