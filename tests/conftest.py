@@ -41,6 +41,16 @@ os.environ.update({
     "WANDB_DIR": os.path.join(_HOME, "wandb"),
     "TQDM_DISABLE": "1",
 })
+# Under `-n N` each pytest worker gets its share of the cores for the torch work it does in process (the
+# benches read OMP_NUM_THREADS too: bench.common.machine_threads), and the processes it starts inherit it.
+# Two workers of two threads each on a 2-core machine spin against each other: `bench quality`'s end-to-end
+# test took 457 s beside the other worker's runs, 36-80 s alone.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tinydist import config as config_lib
-from tinydist.bench.common import create_momentum, free_device_memory, interleaved, say, sync, timed, verdict
+from tinydist.bench.common import create_momentum, free_device_memory, interleaved, machine_threads, say, sync, timed, verdict
 from tinydist.ckpt.checkpointer import Checkpointer
 from tinydist.ckpt.local import LocalTier
 from tinydist.model.build import build_model
@@ -132,7 +132,7 @@ def bench_checkpoint(tmp: str, quick: bool, device: torch.device) -> None:
     repeats = 1 if quick else 5
     # A core for the saver, as on a GPU host (where the GPU computes and the cores are free): with every
     # core computing, any background work on a CPU-only box is work the loop does not do.
-    compute_threads = max(1, (os.cpu_count() or 1) - 1) if device.type == "cpu" else torch.get_num_threads()
+    compute_threads = max(1, machine_threads() - 1) if device.type == "cpu" else torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(compute_threads)
     try:
@@ -176,7 +176,7 @@ def bench_local_every_step(tmp: str, quick: bool, device: torch.device) -> None:
         sync(device)
         return time.perf_counter() - t0
 
-    compute_threads = max(1, (os.cpu_count() or 1) - 1) if device.type == "cpu" else torch.get_num_threads()
+    compute_threads = max(1, machine_threads() - 1) if device.type == "cpu" else torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(compute_threads)
     try:

@@ -18,6 +18,14 @@ SMOKE_RECIPE = os.path.join(REPO_ROOT, "configs", "smoke.yaml")
 MAIN_RECIPE = os.path.join(REPO_ROOT, "configs", "tiny_imagenet_resnet18.yaml")
 
 
+def machine_threads() -> int:
+    """The compute threads a bench gives ours and every baseline alike: every core, or OMP_NUM_THREADS
+    where it is set (the user's cap, as it caps training; a test runner's share of the cores: two pytest
+    workers of two threads each on two cores spin against each other, measured 4-10x slower)."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return int(cap) if cap.isdigit() and int(cap) > 0 else os.cpu_count() or 1
+
+
 def say(line: str) -> None:
     """A figure line, flushed at once: a run cut short (or piped) keeps what it measured."""
     print(line, flush=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,13 +64,18 @@ def bare_floor_seconds(cfg: config_lib.Config, steps: int, num_classes: int, dev
     return BareSteps(cfg, num_classes, device, total_steps or steps, warmup_steps).steps(steps)
 
 
-def interleaved_step_ratios(cfg: config_lib.Config, device: torch.device, chunks: int = 24,
-                            chunk_steps: int = 10) -> list[float]:
+def interleaved_step_ratios(cfg: config_lib.Config, device: torch.device, chunks: Optional[int] = None,
+                            chunk_steps: int = 2) -> list[float]:
     """`train_step`'s time over the bare step's, one ratio per pair of `chunk_steps`-step chunks, `chunks`
-    pairs alternating in this process (a pair lasts seconds: the drift cancels within it); empty for a run
-    too short to lend two chunks to each side. `train_step` of a run built as `train` builds it (data,
-    augmentation, the BN rule, the EMA when on); not the loop's bookkeeping around it (0.1% of the steps on
-    the 12k photo set, timed around every train_step of a run)."""
+    pairs (default: as many as the run's steps allow) alternating in this process; empty for a run too short
+    to lend two chunks to each side. `train_step` of a run built as `train` builds it (data, augmentation,
+    the BN rule, the EMA when on); not the loop's bookkeeping around it (0.1% of the steps on the 12k photo
+    set, timed around every train_step of a run).
+
+    Short chunks, many pairs: a pair's ratio spreads by the steps' own jitter, not by the drift between its
+    halves (12k photo run, AMD EPYC, 2 cores: s.d. 0.078 for 2-step chunks, 0.068 for 10-step ones, the
+    means 1.018 and 1.013), so in the same minutes 2-step chunks give five times the pairs and half the
+    noise of the mean (± 0.009 against ± 0.018)."""
     from tinydist.data.cache import load_train_val
     from tinydist.loop.accel import make_accelerator
     from tinydist.loop.run import build_run
@@ -80,8 +85,9 @@ def interleaved_step_ratios(cfg: config_lib.Config, device: torch.device, chunks
     run = build_run(cfg, accelerator, *load_train_val(cfg.data, accelerator.local_main_process_first,
                                                       log=lambda _: None))
     bare = BareSteps(cfg, run.num_classes, device, run.total_steps, run.warmup_steps)
-    chunk_steps = max(1, min(chunk_steps, (run.last_step - 2) // chunks))  # a short run has fewer steps to lend
-    chunks = min(chunks, (run.last_step - 2) // chunk_steps)
+    spare = run.last_step - 2  # two steps of each side run untimed, below
+    chunk_steps = max(1, min(chunk_steps, spare // (chunks or 2)))  # a short run has fewer steps to lend
+    chunks = min(chunks or spare, spare // chunk_steps)
     if chunks < 2:
         return []
     run.start_loop()

@@ -1,7 +1,8 @@
 """Does tinydist win on data it never saw? `train()` end to end, the recipe as configured, against a plain
 per-image torchvision/DataLoader loop: same data, model, optimizer, schedule, epochs, micro-batches and seeds.
 
-    python -m tinydist.bench quality [--quick] [--seeds 0 1 2] [--epochs 3] [--no-floor] [--config FILE] [--k=V ...]
+    python -m tinydist.bench quality [--quick] [--seeds 0 1 2] [--epochs 3] [--no-floor | --interleaved-only]
+                                     [--variants tinydist torchvision] [--config FILE] [--k=V ...]
     python -m tinydist.bench quality --make-photos DIR [--proxy photos10|photos-all] [--photos-from FOLDER]
     python -m tinydist.bench quality --data.source=DIR --data.crop_scale=[0.08,1.0] --data.hflip=true
 
@@ -18,7 +19,10 @@ that of the weights the export would hold (`export.weights`: raw, or the EMA; th
 `eval.flip_tta`); raw and EMA are printed per run, with the run's time per phase (loop/timing.py).
 Just before and just after each of tinydist's runs, a bare loop over the same number of steps on pre-made
 tensors (bench/floor.py) gives the wall-time floor (the machine's speed drifts: two samples per run); the
-`floor:` line sets tinydist's end-to-end time against their mean, phase by phase. The decode caches are
+`floor:` line sets tinydist's end-to-end time against their mean, phase by phase; the `floor, drift
+cancelled:` line then times `train_step` against the bare step in alternating 2-step chunks in one process
+and multiplies that by the runs' own wall time over their steps (`--interleaved-only`: that line alone, in
+half the time). The decode caches are
 opened (the first time on a machine: built) before anything is timed, and that time is reported apart.
 Variants: `tinydist` is the config's `data.train_detail` (default 2: the train cache at up to 2x
 data.image_size, each crop resampled once, antialiased, to data.image_size); `tinydist-legacy` is
@@ -53,7 +57,7 @@ import numpy as np
 import torch
 
 from tinydist import config as config_lib
-from tinydist.bench.common import SMOKE_RECIPE
+from tinydist.bench.common import SMOKE_RECIPE, machine_threads
 from tinydist.data.hostmem import keep_freed_memory
 from tinydist.data.mix import mix_enabled
 import tinydist.train as train_module
@@ -221,6 +225,10 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the bare loop on pre-made tensors (the wall-time floor) after each seed")
+    parser.add_argument("--interleaved-only", action="store_true",
+                        help="the floor from interleaved chunks only (`floor, drift cancelled:`): no bare loops "
+                             "around each run, which double the bench's time and cannot judge 8%% where the "
+                             "machine's speed drifts")
     parser.add_argument("--epochs", type=float, default=None, help="train.epochs for every run (default 3; --quick: 1)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tinydist", "torchvision"])
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (default 0)")
@@ -243,7 +251,7 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     cfg = config_lib.load_config(recipe + quick + [f"--train.epochs={epochs}", "--log.report_to=[]"] + overrides,
                                  prog="python -m tinydist.bench quality")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(machine_threads())
     # train() tunes the allocator for the whole process on its first call: tuned here, before anything is
     # timed, the floor and the plain loop run under it too (seed 0's first floor measured 71 s without it,
     # 53-67 s after a train()). Before any DataLoader worker forks, so they inherit it as well.
@@ -257,6 +265,7 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     walls: dict[str, list[float]] = {v: [] for v in opts.variants}
     times: list[dict[str, float]] = []
     floors: list[tuple[float, float]] = []
+    floors_steps = 0  # the bare loops' length: the runs' steps
     cache_s = prepare_caches(cfg, opts.variants)
     print(f"decode cache: {cache_s:.1f} s before the timed runs (once per data set and machine: "
           "tinydist's runs read it)", flush=True)
@@ -264,7 +273,8 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     # pools), ~1 s here, which would otherwise land on whichever side runs first (tinydist, seed 0).
     bare_floor_seconds(cfg, 3, 10, device)
     for seed in seeds:
-        floor = _FloorRunner(cfg, seed, device) if opts.floor and "tinydist" in opts.variants else None
+        around = opts.floor and not opts.interleaved_only and "tinydist" in opts.variants
+        floor = _FloorRunner(cfg, seed, device) if around else None
         before = floor() if floor else 0.0
         for variant in opts.variants:
             t0 = time.perf_counter()
@@ -290,17 +300,19 @@ def quality(argv: Optional[Sequence[str]]) -> int:
                 # The same bare steps just before and just after tinydist's run: the machine's speed drifts
                 # (on a shared 2-core VM by ~25% within minutes), so one sample per side cannot judge 8%.
                 floors.append((before, floor()))
+                floors_steps = floor.steps
                 print(f"  floor seed {seed}: {floor.steps} bare steps {floors[-1][0]:.1f} s before, "
                       f"{floors[-1][1]:.1f} s after", flush=True)
     print("\n".join(table(results, seeds, walls)))
     if floors:
-        print(floor_line(times, floors, floor.steps, cache_s))
+        print(floor_line(times, floors, floors_steps, cache_s))
+    if opts.floor and times:
         seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0]))
         chunking = {"chunks": 2, "chunk_steps": 2} if opts.quick else {}
         with contextlib.redirect_stdout(_Lines(lambda m: print(m, file=sys.stderr))):
             step_ratios = interleaved_step_ratios(seed_cfg, device, **chunking)
         print(drift_free_line(times, step_ratios) if step_ratios else
-              f"floor, drift cancelled: not measured ({floor.steps} steps are too few to interleave in chunks)")
+              "floor, drift cancelled: not measured (the run's steps are too few to interleave in chunks)")
     return 0
 
 

@@ -26,6 +26,7 @@ import datasets
 import torch
 
 from tinydist.bench.checkpoint import bench_checkpoint
+from tinydist.bench.common import machine_threads
 from tinydist.bench.data import bench_data
 from tinydist.bench.gpu import bench_gpu
 from tinydist.bench.resume import bench_resume
@@ -54,7 +55,7 @@ def _main(argv: list[str]) -> int:
     opts = parser.parse_args(argv)
     names = list(FIGURES) if "all" in opts.figures else list(dict.fromkeys(opts.figures))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(os.cpu_count() or 1)  # ours and every baseline get every core
+    torch.set_num_threads(machine_threads())  # ours and every baseline get every core
     # As train() does; before any worker forks, so the baselines' DataLoader workers inherit it too.
     tuned = keep_freed_memory()
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""

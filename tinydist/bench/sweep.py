@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import time
 from typing import Optional, Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from tinydist import config as config_lib
-from tinydist.bench.common import SMOKE_RECIPE
+from tinydist.bench.common import SMOKE_RECIPE, machine_threads
 from tinydist.data.cache import load_train_val
 from tinydist.loop.accel import make_accelerator
 from tinydist.loop.evaluate import evaluate
@@ -80,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts, overrides = parser.parse_known_args(argv)
     recipe = [] if any(a == "--config" or a.startswith("--config=") for a in overrides) else ["--config", SMOKE_RECIPE]
     cfg = config_lib.load_config(recipe + [f"--train.epochs={opts.epochs}", "--log.report_to=[]"] + overrides)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(machine_threads())
     print(f"sweep: {cfg.data.source} at {cfg.data.image_size}px, {cfg.train.epochs:g} epochs, seeds {opts.seeds}, "
           f"half-lives {opts.half_lives}, PreciseBN sizes {opts.precise}", flush=True)
     per_seed = [sweep_seed(cfg, seed, opts.half_lives, opts.precise) for seed in opts.seeds]

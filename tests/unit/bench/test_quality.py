@@ -179,9 +179,9 @@ def test_proxies_are_real_photographs_by_class(tmp_path):
 def test_bench_quality_end_to_end(tmp_path, capsys):
     from tinydist.bench.quality import main
 
-    # --no-floor: the floor's two bare loops per run would double this test's minute; the quick test below has them.
+    # --interleaved-only: no bare loops around the run (the quick test below has them), the drift-cancelled line alone.
     code = main(["--seeds", "0", "--epochs", "3", f"--data.cache_dir={tmp_path}/cache", "--data.max_val_samples=150",
-                 "--no-floor"])
+                 "--interleaved-only"])
     assert code == 0
     out = capsys.readouterr().out
     rows = {m.group(1): float(m.group(2))
@@ -191,6 +191,9 @@ def test_bench_quality_end_to_end(tmp_path, capsys):
     assert re.search(r"^quality: tinydist [\d.]+ ± [\d.]+ vs plain loop [\d.]+ ± [\d.]+ -> [+-]\d+\.\d+ points; "
                      r"wall ratio \d+\.\d+$", out, re.M), out
     assert not re.search(r"^(floor:|  floor seed)", out, re.M), out
+    # The run's 70 steps lend 34 pairs of 2-step chunks (2 steps run untimed) to the drift-cancelled judge.
+    assert re.search(r"^floor, drift cancelled: train_step \d+\.\d{3} ± \d+\.\d{3} x the bare step \(34 interleaved "
+                     r"chunk pairs .* -> end-to-end \d+\.\d{3} ± \d+\.\d{3} x the floor \(goal <= 1.08\): ", out, re.M), out
     # The smoke recipe keeps no EMA: the raw weights are the only ones scored.
     assert re.search(r"^  tinydist seed 0: top-1 [\d.]+ \(\d+ s, raw [\d.]+; data ", out, re.M), out
     assert "EMA off;" in out, out
@@ -231,8 +234,8 @@ def test_interleaving_needs_two_chunks_per_side_and_a_short_run_says_it_has_none
     args = ["--config", SMOKE_RECIPE, f"--data.cache_dir={tmp_path}/cache", "--data.image_size=16",
             "--data.max_train_samples=256", "--data.max_val_samples=32"]
     assert interleaved_step_ratios(config.load_config(args + ["--train.max_steps=3"]), torch.device("cpu")) == []
-    ratios = interleaved_step_ratios(config.load_config(args + ["--train.max_steps=6"]), torch.device("cpu"),
-                                     chunks=2, chunk_steps=2)
+    # By default as many 2-step chunk pairs as the run lends: 4 of its 6 steps (2 run untimed) make 2 pairs.
+    ratios = interleaved_step_ratios(config.load_config(args + ["--train.max_steps=6"]), torch.device("cpu"))
     # One ratio per chunk pair, each of two real timings. Their size is the machine's to say (a loaded CI
     # machine has read 0.1 for two 2-step chunks): how big a step is, is the bench's question, not a test's.
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), ratios
