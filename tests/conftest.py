@@ -44,7 +44,7 @@ os.environ.update({
 # Under `-n N` each pytest worker gets its share of the cores for the torch work it does in process (the
 # benches read OMP_NUM_THREADS too: bench.common.machine_threads), and the processes it starts inherit it.
 # Two workers of two threads each on a 2-core machine spin against each other: `bench quality`'s end-to-end
-# test took 457 s beside the other worker's runs, 36-80 s alone.
+# test took 457 s beside the other worker's runs, ~80 s alone.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     import torch

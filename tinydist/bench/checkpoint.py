@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from tinydist import config as config_lib
-from tinydist.bench.common import create_momentum, free_device_memory, interleaved, machine_threads, say, sync, timed, verdict
+from tinydist.bench.common import (create_momentum, free_device_memory, interleaved, machine_threads, say, sync, timed,
+                                   verdict)
 from tinydist.ckpt.checkpointer import Checkpointer
 from tinydist.ckpt.local import LocalTier
 from tinydist.model.build import build_model
