@@ -272,8 +272,8 @@ def quality(argv: Optional[Sequence[str]]) -> int:
     # Untimed: a process's first steps pay for its kernels' first use (oneDNN primitives, the allocator's
     # pools), ~1 s here, which would otherwise land on whichever side runs first (tinydist, seed 0).
     bare_floor_seconds(cfg, 3, 10, device)
+    around = opts.floor and not opts.interleaved_only and "tinydist" in opts.variants  # bare loops around each run
     for seed in seeds:
-        around = opts.floor and not opts.interleaved_only and "tinydist" in opts.variants
         floor = _FloorRunner(cfg, seed, device) if around else None
         before = floor() if floor else 0.0
         for variant in opts.variants:
